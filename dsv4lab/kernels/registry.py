@@ -1,0 +1,158 @@
+"""One registry of ops -> backends, with availability flags and a reason when a backend cannot run here.
+
+Every backend of an op takes the same arguments as the op's reference and returns the same outputs, so the
+CLI, the notebooks and the widgets can swap them freely. Implementations are imported lazily (TileLang and
+DeepGEMM import slowly or not at all on a CPU machine); a backend that fails to import is reported as
+unavailable with the import error, never raised at ``import dsv4lab``.
+
+Adding an op: append one ``_reg(...)`` line per backend to the table at the bottom of this file.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+BACKENDS = ("reference", "torch", "triton", "tilelang", "deep_gemm", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by ``get`` when a backend cannot run on this machine; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str
+    name: str
+    target: str                      # "module:function", imported on first use
+    requires: tuple[str, ...] = ()   # capabilities, see ``capability``
+    doc: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.op, self.name
+
+
+_TABLE: dict[str, dict[str, Backend]] = {}
+
+
+def register(op: str, name: str, target: str, requires: tuple[str, ...] = (), doc: str = "") -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"name: expected one of {BACKENDS}, got {name!r}")
+    if ":" not in target:
+        raise ValueError(f"target: expected 'module:function', got {target!r}")
+    b = Backend(op, name, target, tuple(requires), doc)
+    _TABLE.setdefault(op, {})[name] = b
+    return b
+
+
+# ---- capabilities ---------------------------------------------------------------------------------
+def _have_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def capability(cap: str) -> tuple[bool, str]:
+    """(ok, reason-if-not) for one capability name."""
+    import torch
+
+    if cap == "cuda":
+        ok = torch.cuda.is_available()
+        return ok, "" if ok else "no CUDA GPU visible to torch"
+    if cap == "sm90":
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU visible to torch"
+        major, minor = torch.cuda.get_device_capability()
+        return (major, minor) >= (9, 0), "" if major >= 9 else f"needs compute capability >= 9.0, this GPU is {major}.{minor}"
+    if cap == "sm100":
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU visible to torch"
+        major, _ = torch.cuda.get_device_capability()
+        return major >= 10, "" if major >= 10 else f"needs an SM100 (Blackwell) GPU, this one is sm_{major}x"
+    if cap == "triton":
+        if not _have_module("triton"):
+            return False, "triton is not installed (pip install 'dsv4lab[triton]')"
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return True, ""
+        return False, "no GPU and TRITON_INTERPRET is not 1"
+    if cap in ("tilelang", "deep_gemm", "tile_kernels"):
+        if not _have_module(cap):
+            return False, f"{cap} is not installed (GPU extra / .gpu bundle)"
+        return True, ""
+    if cap == "nvcc":
+        ok = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+        return ok, "" if ok else "nvcc not found (needed to build the CUDA extension)"
+    raise ValueError(f"cap: unknown capability {cap!r}")
+
+
+def availability(op: str, name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` of ``op`` can run here, and why not."""
+    b = _lookup(op, name)
+    for cap in b.requires:
+        ok, why = capability(cap)
+        if not ok:
+            return False, why
+    try:
+        _load(b.target)
+    except Exception as e:  # an import failure must not take the caller down
+        return False, f"import of {b.target} failed: {type(e).__name__}: {e}"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _load(target: str) -> Callable[..., Any]:
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _lookup(op: str, name: str) -> Backend:
+    if op not in _TABLE:
+        raise ValueError(f"op: unknown op {op!r}; known: {sorted(_TABLE)}")
+    if name not in _TABLE[op]:
+        raise ValueError(f"backend: op {op!r} has no backend {name!r}; it has {sorted(_TABLE[op])}")
+    return _TABLE[op][name]
+
+
+def get(op: str, name: str = "reference") -> Callable[..., Any]:
+    """The callable of backend ``name`` of ``op``; raises ``BackendUnavailable`` (with the reason) if it can't run."""
+    ok, why = availability(op, name)
+    if not ok:
+        raise BackendUnavailable(f"{op}/{name} unavailable: {why}")
+    return _load(_lookup(op, name).target)
+
+
+def ops() -> list[str]:
+    return sorted(_TABLE)
+
+
+def backends(op: str) -> list[str]:
+    if op not in _TABLE:
+        raise ValueError(f"op: unknown op {op!r}; known: {sorted(_TABLE)}")
+    return [n for n in BACKENDS if n in _TABLE[op]]
+
+
+def available_backends(op: str) -> list[str]:
+    return [n for n in backends(op) if availability(op, n)[0]]
+
+
+def matrix() -> list[dict[str, Any]]:
+    """One row per (op, backend): availability and reason. The ``dsv4lab env`` table."""
+    rows = []
+    for op in ops():
+        for name in backends(op):
+            ok, why = availability(op, name)
+            rows.append({"op": op, "backend": name, "available": ok, "reason": why,
+                         "target": _TABLE[op][name].target, "doc": _TABLE[op][name].doc})
+    return rows
+
+
+# ---- the table ------------------------------------------------------------------------------------
+_R = "dsv4lab.kernels.reference"
+_reg = register
