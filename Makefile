@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` (main job) and `make test` (whole test suite).
+# Set-up is shared, idempotent, and skipped when .venv is already up to date with pyproject.toml.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dsv4lab-installed
+# torch is pinned on the command line: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+TORCH ?= torch==2.13.0
+EXTRAS ?= lab,test,triton
+
+.PHONY: setup demo test lab report notebooks clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/dsv4lab compare
+
+test: setup
+	$(BIN)/python -m pytest -q tests notebooks --nbmake
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+report: setup
+	$(BIN)/dsv4lab report --out report.html
+
+notebooks: setup
+	$(BIN)/jupytext --sync notebooks/*.py
+
+clean-venv:
+	rm -rf $(VENV)
