@@ -1,0 +1,175 @@
+"""``dsv4lab env | compare | bench | report | inspect`` -- the command line over the registry and the harness."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if arg not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu, cuda or auto, got {arg!r}")
+    return arg
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    if not rows:
+        return "(no rows)"
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, width)).rstrip()
+    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in cells])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import torch
+
+    from .kernels import registry
+    from .lab import results
+
+    prov = results.provenance()
+    print("machine")
+    for k in ("gpu", "driver", "cuda", "torch", "triton", "tilelang", "deep_gemm", "commit"):
+        print(f"  {k:10s} {prov.get(k)}")
+    print(f"  {'threads':10s} {torch.get_num_threads()}")
+    print(f"  {'slug':10s} {results.gpu_slug()}")
+    print("\nbackends (op x backend)")
+    rows = registry.matrix()
+    print(_table(rows, ["op", "backend", "available", "reason"]))
+    return 0
+
+
+def _summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        val = r.get("value")
+        if r.get("metric") == "time":
+            val = f"{r['value']:.4g} {r.get('unit', '')} ({r.get('mode', r.get('timing', ''))})"
+        elif r.get("metric") in ("unavailable", "error"):
+            val = r.get("reason") or r.get("message") or val
+        rows.append({"experiment": r.get("experiment"), "op": r.get("op"), "variant": r.get("variant"),
+                     "backend": r.get("backend"), "T": r.get("tokens"), "metric": r.get("metric"), "value": val})
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import refactors
+    from .lab import results
+
+    device = _device(args.device)
+    out_root = Path(args.out)
+    print(f"dsv4lab compare on {device} ({'quick' if args.quick else 'full'}); records -> {out_root}/{results.gpu_slug()}/")
+    all_rows, failures = [], 0
+    for name, mod, why in refactors.load_all():
+        if args.only and name not in args.only:
+            continue
+        if mod is None:
+            all_rows.append({"experiment": name, "metric": "unavailable", "value": why})
+            continue
+        t0 = time.perf_counter()
+        try:
+            recs = mod.run(device=device, quick=args.quick, preset=args.preset)
+        except Exception as e:  # one experiment failing must not hide the others
+            failures += 1
+            all_rows.append({"experiment": name, "metric": "error", "value": f"{type(e).__name__}: {e}"})
+            continue
+        if recs:
+            results.append(results.results_path(mod.EXPERIMENT, root=out_root), recs)
+        rows = _summary_rows(recs)
+        all_rows.extend(rows)
+        print(f"\n== {getattr(mod, 'TITLE', name)}  ({len(recs)} records, {time.perf_counter() - t0:.1f} s)")
+        print(_table(rows, ["op", "variant", "backend", "T", "metric", "value"]))
+    missing = [r for r in all_rows if r.get("metric") in ("unavailable", "error") and r.get("op") is None]
+    if missing:
+        print("\n== not run")
+        print(_table(missing, ["experiment", "metric", "value"]))
+    return 1 if failures else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .lab import bench_ops, results
+
+    device = _device(args.device)
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    recs = bench_ops.bench(args.op, preset=args.preset, tokens=tokens, device=device)
+    path = results.results_path("bench_ops", root=Path(args.out))
+    if recs:
+        results.append(path, recs)
+    print(_table(_summary_rows(recs), ["op", "backend", "T", "metric", "value"]))
+    print(f"\n{len(recs)} records -> {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .lab import report
+
+    roots = args.root or ["data/results"]
+    path = report.build_report(root=roots[0] if len(roots) == 1 else roots, out=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import checkpoint
+
+    return checkpoint.main_inspect(args.path, layer=args.layer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4lab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("env", help="machine, library versions and the backend matrix")
+    s.set_defaults(func=cmd_env)
+    s = sub.add_parser("compare", help="every refactor's before vs after numerics and timing on this device")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--preset", default="flash", choices=["toy", "flash", "pro"])
+    s.add_argument("--full", dest="quick", action="store_false", help="all shapes of the experiment design")
+    s.add_argument("--only", nargs="*", help="experiment module names to run")
+    s.add_argument("--out", default="out/results", help="results root (default: out/results, not data/)")
+    s.set_defaults(func=cmd_compare)
+    s = sub.add_parser("bench", help="time one op (or all) through every available backend")
+    s.add_argument("op")
+    s.add_argument("--preset", default="flash", choices=["toy", "flash", "pro"])
+    s.add_argument("--tokens", default="1,64,4096")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="out/results")
+    s.set_defaults(func=cmd_bench)
+    s = sub.add_parser("report", help="one offline HTML page of charts from stored results")
+    s.add_argument("--root", nargs="*", help="results roots (default data/results)")
+    s.add_argument("--out", default="report.html")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("inspect", help="layer table of a DSv4 checkpoint directory (reads headers only)")
+    s.add_argument("path")
+    s.add_argument("--layer", default=None)
+    s.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not __import__("torch").cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
