@@ -106,12 +106,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .lab import bench_ops, results
+    from . import sweep
+    from .lab import results
 
     device = _device(args.device)
     tokens = [int(t) for t in args.tokens.split(",") if t]
-    recs = bench_ops.bench(args.op, preset=args.preset, tokens=tokens, device=device)
-    path = results.results_path("bench_ops", root=Path(args.out))
+    recs = sweep.bench(args.op, preset=args.preset, tokens=tokens, device=device, graph=args.graph)
+    path = results.results_path(sweep.EXPERIMENT, root=Path(args.out))
     if recs:
         results.append(path, recs)
     print(_table(_summary_rows(recs), ["op", "backend", "T", "metric", "value"]))
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="flash", choices=["toy", "flash", "pro"])
     s.add_argument("--tokens", default="1,64,4096")
     s.add_argument("--device", default="auto")
+    s.add_argument("--graph", action="store_true", help="time CUDA-graph replays (GPU only)")
     s.add_argument("--out", default="out/results")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("report", help="one offline HTML page of charts from stored results")
@@ -168,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not __import__("torch").cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:  # bad arguments: one clear line, no traceback
+        print(f"dsv4lab {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
