@@ -156,3 +156,5 @@ def matrix() -> list[dict[str, Any]]:
 # ---- the table ------------------------------------------------------------------------------------
 _R = "dsv4lab.kernels.reference"
 _reg = register
+_reg("mtp_input_rmsnorm", "triton", "dsv4lab.kernels.triton.mtp_norm:fused_mtp_input_rmsnorm", requires=("triton",), doc="#43746: position-0 mask + enorm + hc_mult hnorms, one launch, grid (T, hc_mult+1); two_rounding=True gives vLLM's eager rounding")
+_reg("mtp_shared_head_rmsnorm", "triton", "dsv4lab.kernels.triton.mtp_norm:mtp_shared_head_rmsnorm", requires=("triton",), doc="#43746: MTP shared-head RMSNorm, grid (T,)")
