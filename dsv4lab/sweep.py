@@ -37,11 +37,18 @@ def _oracle(ref, args, kwargs) -> list[torch.Tensor] | None:
         return None  # the reference only takes its storage dtypes; the reference output is the oracle then
 
 
+def _op_shape(op: str, cfg) -> dict[str, int]:
+    """Shape arguments of ``roofline.cost`` that the config does not fill by itself."""
+    return {"router_gemm": dict(N=cfg.n_routed_experts, K=cfg.hidden_size),
+            "rmsnorm": dict(h=cfg.hidden_size)}.get(op, {})
+
+
 def _cost(op: str, cfg, tokens: int):
+    from .lab import roofline
+
     try:
-        from .lab import roofline
-        return roofline.cost(op, cfg=cfg, tokens=tokens)
-    except Exception:
+        return roofline.cost(op, cfg=cfg, T=tokens, **_op_shape(op, cfg))
+    except ValueError:  # an op without a roofline row
         return None
 
 

@@ -1,0 +1,58 @@
+# %% [markdown]
+# # dsv4lab: a tour
+#
+# dsv4lab is a workbench for the DeepSeek-V4 (DSv4) layers and for five refactors vLLM made to its DSv4 code.
+# Every layer has a plain-PyTorch **reference** (fp32 math, the oracle); fused kernels in Triton, TileLang and
+# DeepGEMM are checked against it and timed with one harness. Without a GPU, references and Triton kernels
+# (under Triton's interpreter) run live, and measured H100 results are read from `data/results/`.
+#
+# Notebooks:
+# - [01_sizing](01_sizing.ipynb): parameters, FLOPs and bytes per layer and per kernel, roofline
+# - [10_pr41300_router_gemm](10_pr41300_router_gemm.ipynb): cuBLAS op vs `torch.mm(out_dtype=float32)`
+# - [11_pr43746_mtp_norm](11_pr43746_mtp_norm.ipynb): fused Triton MTP-input RMSNorm
+# - [12_pr43891_op_registration](12_pr43891_op_registration.ipynb): what `torch.ops` registration cost
+# - [13_pr43905_mhc_direct](13_pr43905_mhc_direct.ipynb): mHC TileLang kernels called directly
+#
+# ## This machine
+
+# %%
+import torch
+
+import dsv4lab
+from dsv4lab.kernels import registry
+from dsv4lab.lab import results
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+prov = results.provenance()
+print({k: prov[k] for k in ("gpu", "cuda", "torch", "triton", "tilelang", "deep_gemm", "commit")})
+
+# %% [markdown]
+# ## The backend matrix
+# One registry maps each op to its backends. A backend that cannot run here says why (no GPU, library
+# missing, interpreter off); nothing else breaks because of it.
+
+# %%
+import pandas as pd
+
+matrix = pd.DataFrame(registry.matrix())
+matrix.pivot_table(index="op", columns="backend", values="available", aggfunc="first").fillna("")
+
+# %%
+matrix.loc[~matrix.available, ["op", "backend", "reason"]]
+
+# %% [markdown]
+# ## One mHC call through every backend
+# `mhc_post` mixes the four residual streams: `R'[k] = post[k] * f + sum_j comb[j, k] * R[j]`.
+# Prediction: every backend that runs here agrees with the reference to within one bf16 ulp
+# (the fused kernels round once, like the reference).
+
+# %%
+from dsv4lab import sweep
+
+records = sweep.bench("mhc_post", preset="toy", tokens=[4, 64], device=device)
+pd.DataFrame(records)[["op", "backend", "tokens", "metric", "value", "unit"]].query(
+    "metric in ['time', 'max_abs', 'bitwise_equal', 'unavailable']")
+
+# %% [markdown]
+# Times above are `cpu-clock` on a CPU (Python + eager ops, not GPU kernel time). The refactor notebooks show
+# stored H100 timings next to them.
