@@ -79,8 +79,10 @@ def capability(cap: str) -> tuple[bool, str]:
     if cap == "triton":
         if not _have_module("triton"):
             return False, "triton is not installed (pip install 'dsv4lab[triton]')"
-        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        if torch.cuda.is_available():
             return True, ""
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "note: Triton interpreter on the CPU (correctness only, not speed)"
         return False, "no GPU and TRITON_INTERPRET is not 1"
     if cap in ("tilelang", "deep_gemm", "tile_kernels"):
         if not _have_module(cap):
@@ -95,15 +97,18 @@ def capability(cap: str) -> tuple[bool, str]:
 def availability(op: str, name: str) -> tuple[bool, str]:
     """Whether backend ``name`` of ``op`` can run here, and why not."""
     b = _lookup(op, name)
+    notes = []
     for cap in b.requires:
         ok, why = capability(cap)
         if not ok:
             return False, why
+        if why:
+            notes.append(why)
     try:
         _load(b.target)
     except Exception as e:  # an import failure must not take the caller down
         return False, f"import of {b.target} failed: {type(e).__name__}: {e}"
-    return True, ""
+    return True, "; ".join(notes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,5 +161,27 @@ def matrix() -> list[dict[str, Any]]:
 # ---- the table ------------------------------------------------------------------------------------
 _R = "dsv4lab.kernels.reference"
 _reg = register
+_reg("compressor", "reference", f"{_R}.compressor:compress", doc="KV compressor: gated pooling of r-token blocks, RMSNorm, RoPE, fp8 nope (3.4)")
+_reg("indexer_topk", "reference", f"{_R}.indexer:indexer_topk", doc="lightning indexer logits + top-k of ratio-4 entries (3.5)")
+_reg("sparse_attention", "reference", f"{_R}.attention:sparse_attention_with_sink", doc="MQA over index lists with a per-head sink (3.6)")
+_reg("attention_output", "reference", f"{_R}.attention:attention_output", doc="inverse RoPE + grouped low-rank wo_a, wo_b, bf16 (3.7)")
+_reg("attention_prefill", "reference", f"{_R}.attention:attention_prefill", doc="DSv4 attention prefill: window / CSA / HCA (3.8)")
+_reg("inv_rope_fp8_quant", "reference", f"{_R}.attn_out:inv_rope_fp8_quant", doc="inverse RoPE + 1x128 fp8 e4m3 quant, pow2 fp32 scales, amax floor 1e-10 (3.7)")
+_reg("inv_rope_fp8_quant", "triton", "dsv4lab.kernels.triton.inv_rope_fp8_quant:inv_rope_fp8_quant", requires=("triton",), doc="fused inverse RoPE + fp8 quant, bitwise equal to the reference")
+_reg("fp8_einsum_wo_a", "reference", f"{_R}.attn_out:fp8_einsum_wo_a", doc="'bhr,hdr->bhd' of fp8 operands (1x128 / 128x128 fp32 scales), dequantised fp32 einsum -> bf16")
+_reg("fp8_einsum_wo_a", "deep_gemm", "dsv4lab.kernels.deep_gemm.fp8_einsum:fp8_einsum_wo_a", requires=("cuda", "sm90", "deep_gemm"), doc="DeepGEMM fp8_einsum, recipe (1,128,128), SM90 fp32 scales")
 _reg("mtp_input_rmsnorm", "triton", "dsv4lab.kernels.triton.mtp_norm:fused_mtp_input_rmsnorm", requires=("triton",), doc="#43746: position-0 mask + enorm + hc_mult hnorms, one launch, grid (T, hc_mult+1); two_rounding=True gives vLLM's eager rounding")
 _reg("mtp_shared_head_rmsnorm", "triton", "dsv4lab.kernels.triton.mtp_norm:mtp_shared_head_rmsnorm", requires=("triton",), doc="#43746: MTP shared-head RMSNorm, grid (T,)")
+_reg("rmsnorm", "reference", f"{_R}.norms:rmsnorm", doc="RMSNorm, fp32 math, one rounding")
+_reg("mhc_pre", "reference", f"{_R}.mhc:mhc_pre", doc="mHC pre: mix GEMM * rho, sigmoid/Sinkhorn mixes, collapse, fused RMSNorm (2.2-2.4)")
+_reg("mhc_post", "reference", f"{_R}.mhc:mhc_post", doc="mHC post: post*f + comb^T R, one rounding (2.5)")
+_reg("mhc_fused_post_pre", "reference", f"{_R}.mhc:mhc_fused_post_pre", doc="mhc_post then mhc_pre on the rounded residual (2.6)")
+_reg("hc_head", "reference", f"{_R}.mhc:hc_head", doc="final collapse of the n streams before the LM head (2.7)")
+_reg("moe_router_logits", "reference", f"{_R}.moe:router_logits", doc="gate GEMM, bf16 in, fp32 out (4.1)")
+_reg("moe_routing", "reference", f"{_R}.moe:route", doc="sqrt-softplus scores, bias top-k or tid2eid hash, renormalise, scale (4.1)")
+_reg("moe_experts", "reference", f"{_R}.moe:moe_fp4", doc="MXFP4 routed SwiGLU-clamp experts + shared expert, fp32 combine (4.2)")
+_reg("mtp_input_rmsnorm", "reference", f"{_R}.mtp:mtp_input_rmsnorm", doc="MTP: position-0 mask + enorm + per-stream hnorm (5)")
+_reg("mtp_shared_head_rmsnorm", "reference", f"{_R}.mtp:mtp_shared_head_rmsnorm", doc="MTP shared-head RMSNorm (5)")
+_reg("router_gemm", "reference", f"{_R}.router_gemm:router_gemm", doc="bf16 x bf16 -> fp32 GEMM (router, compressor, indexer compressor) as an fp32 upcast mm, TF32 off")
+_reg("router_gemm", "torch", "dsv4lab.kernels.torch.mm_fp32:router_gemm_torch", requires=("cuda",), doc="#41300 after: torch.mm(x, w.T, out_dtype=torch.float32)")
+_reg("router_gemm", "cuda", "dsv4lab.kernels.cuda.cublas_gemm:router_gemm_cublas", requires=("cuda", "nvcc"), doc="#41300 before: cublasGemmEx bf16 x bf16 -> fp32 (COMPUTE_32F, DEFAULT_TENSOR_OP) as a torch op, built at first use")
