@@ -58,17 +58,30 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+_WIDE = ("time", "max_abs", "rel_rms", "err_ratio", "bitwise_equal", "passed", "kernels_per_call", "host_overhead")
+
+
 def _summary_rows(records: list[dict]) -> list[dict]:
-    rows = []
+    """One row per (op, variant, backend, T) with the key metrics as columns; other metrics as notes."""
+    rows: dict[tuple, dict] = {}
     for r in records:
-        val = r.get("value")
-        if r.get("metric") == "time":
-            val = f"{r['value']:.4g} {r.get('unit', '')} ({r.get('mode', r.get('timing', ''))})"
-        elif r.get("metric") in ("unavailable", "error"):
-            val = r.get("reason") or r.get("message") or val
-        rows.append({"experiment": r.get("experiment"), "op": r.get("op"), "variant": r.get("variant"),
-                     "backend": r.get("backend"), "T": r.get("tokens"), "metric": r.get("metric"), "value": val})
-    return rows
+        key = (r.get("experiment"), r.get("op"), r.get("variant"), r.get("backend"), r.get("tokens"))
+        row = rows.setdefault(key, {"experiment": key[0], "op": key[1], "variant": key[2], "backend": key[3],
+                                    "T": key[4], "note": ""})
+        m = r.get("metric")
+        if m == "time":
+            row["time"] = f"{r['value']:.4g} {r.get('unit', '')} ({r.get('timing_mode', '?')})"
+        elif m in _WIDE:
+            row[m] = r.get("value")
+        elif m in ("unavailable", "error"):
+            row["note"] += f"{m}: {r.get('reason') or r.get('message') or r.get('value')}; "
+        elif m not in ("calc_diff", "nonfinite", "ulp_max", "ulp_max_vs_oracle"):
+            row["note"] += f"{m}={_fmt(r.get('value'))}; "
+    return list(rows.values())
+
+
+_COMPARE_COLS = ["op", "variant", "backend", "T", "time", "max_abs", "rel_rms", "err_ratio", "bitwise_equal",
+                 "passed", "kernels_per_call", "host_overhead", "note"]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -97,8 +110,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rows = _summary_rows(recs)
         all_rows.extend(rows)
         print(f"\n== {getattr(mod, 'TITLE', name)}  ({len(recs)} records, {time.perf_counter() - t0:.1f} s)")
-        print(_table(rows, ["op", "variant", "backend", "T", "metric", "value"]))
-    missing = [r for r in all_rows if r.get("metric") in ("unavailable", "error") and r.get("op") is None]
+        cols = [c for c in _COMPARE_COLS if any(r.get(c) not in (None, "") for r in rows)]
+        print(_table(rows, cols))
+    missing = [r for r in all_rows if r.get("metric") in ("unavailable", "error")]
     if missing:
         print("\n== not run")
         print(_table(missing, ["experiment", "metric", "value"]))
@@ -115,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = results.results_path(sweep.EXPERIMENT, root=Path(args.out))
     if recs:
         results.append(path, recs)
-    print(_table(_summary_rows(recs), ["op", "backend", "T", "metric", "value"]))
+    rows = _summary_rows(recs)
+    print(_table(rows, [c for c in _COMPARE_COLS if any(r.get(c) not in (None, "") for r in rows)]))
     print(f"\n{len(recs)} records -> {path}")
     return 0
 
