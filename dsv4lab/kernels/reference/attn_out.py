@@ -146,13 +146,12 @@ def fp8_einsum_wo_a(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     a e4m3 [T, G, r] with a_scale fp32 [T, G, r/128] (1x128); w e4m3 [G, o_l, r] with w_scale fp32
     [G, o_l/128, r/128] (128x128). ``out`` (bf16, contiguous) is written and returned when given.
     """
-    check_fp8_einsum_args(a, a_scale, w, w_scale, out)
+    t, g, n, _ = check_fp8_einsum_args(a, a_scale, w, w_scale, out)
     a32 = dequant_fp8(a, a_scale, QUANT_BLOCK)
     w32 = dequant_fp8(w, w_scale, (QUANT_BLOCK, QUANT_BLOCK))
-    z = torch.einsum("bhr,hdr->bhd", a32, w32).to(torch.bfloat16)
-    if out is None:
-        return z
-    out.copy_(z)
+    if out is None:   # contiguous like the DeepGEMM backend's (einsum's own result may be permuted)
+        out = torch.empty((t, g, n), dtype=torch.bfloat16, device=a.device)
+    out.copy_(torch.einsum("bhr,hdr->bhd", a32, w32))
     return out
 
 
