@@ -264,3 +264,26 @@ def test_bad_scalars_and_post_input() -> None:
         mhc_post(f, r, post.bfloat16(), comb)
     with pytest.raises(ValueError, match="fn"):  # hc_head takes fn [n, nD], not [(2+n)n, nD]
         hc_head(r, params()[0], torch.ones(1), torch.zeros(N))
+
+
+# ---- modules ----------------------------------------------------------------------------------------
+def test_mhc_module_init_is_realistic() -> None:
+    from dsv4lab.config import get_config
+    from dsv4lab.layers.mhc import HCHead, MHC
+
+    cfg = get_config("toy")
+    module = MHC(cfg, seed=3)
+    assert module.fn.shape == (cfg.hc_mix_dim, N * D) and module.fn.dtype == torch.float32
+    r = residual()
+    pre, post, comb = mhc_mixes(r, module.fn, module.scale, module.base)
+    # pre ~ 1/n, post ~ 1, comb leaning diagonal but far from the identity or uniform: nothing saturates
+    assert 0.05 < pre.mean().item() < 0.5 and pre.max().item() < 0.95
+    assert 0.5 < post.mean().item() < 1.5 and post.min().item() > 0.02 and post.max().item() < 1.98
+    diag = comb.diagonal(dim1=-2, dim2=-1).mean().item()
+    assert 1 / N + 0.05 < diag < 0.9
+    y, post2, comb2 = module.pre(r, None)
+    assert torch.equal(post2, post) and torch.equal(comb2, comb)
+    with pytest.raises(ValueError, match="residual"):
+        module.pre(r[:, :2], None)
+    head = HCHead(cfg, seed=3)
+    assert head.fn.shape == (N, N * D) and head(r).shape == (T, D)

@@ -194,3 +194,42 @@ def test_moe_bad_input() -> None:
         moe_fp4(x, weights, ids, q, s[..., :-1], q, s, *quant_fp4(w2), swiglu_limit=L)
     with pytest.raises(TypeError, match="w1"):
         moe_fp4(x, weights, ids, w1, s, q, s, *quant_fp4(w2), swiglu_limit=L)
+
+
+# ---- the MoE module -----------------------------------------------------------------------------------
+def test_moe_layer_equals_dense_fp64_with_dequantised_fp4() -> None:
+    from dsv4lab.config import get_config
+    from dsv4lab.layers.moe import MoE
+
+    cfg = get_config("toy")
+    layer = MoE(cfg, 2, seed=5)                    # layer 2: bias routing
+    assert not layer.hash_layer and layer.gate.bias.dtype == torch.float32
+    ex = layer.experts
+    assert ex.w1.dtype == torch.uint8 and ex.w1.shape == (cfg.n_routed_experts, cfg.moe_intermediate_size, D // 2)
+    assert ex.w2_scale.shape == (cfg.n_routed_experts, D, cfg.moe_intermediate_size // 32)
+    x = torch.randn(T, D).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+        weights, ids = layer.route(x)
+    w1, w3, w2 = (dequant_fp4(getattr(ex, n), getattr(ex, f"{n}_scale")) for n in ("w1", "w3", "w2"))
+    sh = layer.shared_experts
+    dense_w = torch.zeros(T, cfg.n_routed_experts, dtype=torch.float64).scatter_add_(1, ids, weights.double())
+    want = sum(dense_w[:, e, None] * expert64(x, w1[e], w3[e], w2[e], cfg.swiglu_limit)
+               for e in range(cfg.n_routed_experts)) + expert64(x, sh.w1, sh.w3, sh.w2, cfg.swiglu_limit)
+    assert bf16_ulps(got, want.bfloat16()).max().item() <= 1     # as in the dense test above
+    # realistic scale: unit-RMS input -> O(1) output
+    assert 0.2 < got.float().pow(2).mean().sqrt().item() < 3
+
+
+def test_moe_layer_hash_routing() -> None:
+    from dsv4lab.config import get_config
+    from dsv4lab.layers.moe import MoE
+
+    cfg = get_config("toy")
+    layer = MoE(cfg, 0, seed=5)
+    assert layer.hash_layer and layer.gate.tid2eid.shape == (cfg.vocab_size, cfg.num_experts_per_tok)
+    x, tokens = torch.randn(T, D).bfloat16(), torch.randint(0, cfg.vocab_size, (T,))
+    _, ids = layer.route(x, tokens)
+    assert torch.equal(ids, layer.gate.tid2eid[tokens])
+    with pytest.raises(ValueError, match="input_ids"):
+        layer(x)
