@@ -314,10 +314,11 @@ def routing_records(m: int, n_experts: int, k: int, variants: list[str], *, devi
 
 
 def timing_records(shape: GemmShape, m: int, variants: list[str], *, device: str, preset: str,
-                   graph: bool, kernels: bool = True, peaks: Any = None, warmup: int = 5, rep: int = 30,
-                   seed: int = 0) -> list[dict[str, Any]]:
+                   graph: bool, kernels: bool = True, host: bool = False, peaks: Any = None, warmup: int = 5,
+                   rep: int = 30, seed: int = 0) -> list[dict[str, Any]]:
     """lab.timing.bench of each variant (CUDA-graph replay or eager events; cpu-clock on CPU), plus kernel
-    names/counts when ``kernels``."""
+    names/counts when ``kernels`` and the host cost per call (lab.timing.host_overhead) when ``host``. Eager
+    events time the GPU work only: the L2-flush memset before each call hides the launch behind it."""
     from ..lab import roofline, timing
 
     x, w = make_inputs(m, shape.n, shape.k, device=device, seed=seed)
@@ -334,6 +335,9 @@ def timing_records(shape: GemmShape, m: int, variants: list[str], *, device: str
                 kc = timing.kernels_per_call(lambda: fn(x, w), device=device)
                 recs.append(kc.to_record(experiment=EXPERIMENT, op=OP, backend=BACKEND[v], variant=v,
                                          preset=preset, tokens=m, dtype=DTYPE, **common))
+            if host:
+                us = timing.host_overhead(lambda: fn(x, w), n=100, device=device)
+                recs.append(_rec(v, preset, m, "host_overhead", "us", us, **common))
         except Exception as e:
             recs.append(_error(v, preset, m, e, timing_mode="cuda-graph" if graph else "eager", **common))
     return recs

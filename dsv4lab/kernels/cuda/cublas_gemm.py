@@ -81,6 +81,8 @@ at::Tensor gemm_bf16_bf16_fp32(const at::Tensor& x, const at::Tensor& weight) {
 
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   // The op must follow the caller's stream (aux streams, graph capture), as vLLM's router_gemm.cu did.
+  // cublasSetStream also resets the handle's workspace to cuBLAS's default pool (cuBLAS docs), replacing the
+  // workspace ATen configured; kept on purpose, since the original op did the same.
   TORCH_CUDABLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
   const float alpha = 1.0f, beta = 0.0f;
   // Row-major Out[M,N] = X[M,K] W[N,K]^T is column-major Out^T[N,M] = (W as [K,N])^T (X as [K,M]).
