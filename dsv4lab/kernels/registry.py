@@ -185,3 +185,9 @@ _reg("mtp_shared_head_rmsnorm", "reference", f"{_R}.mtp:mtp_shared_head_rmsnorm"
 _reg("router_gemm", "reference", f"{_R}.router_gemm:router_gemm", doc="bf16 x bf16 -> fp32 GEMM (router, compressor, indexer compressor) as an fp32 upcast mm, TF32 off")
 _reg("router_gemm", "torch", "dsv4lab.kernels.torch.mm_fp32:router_gemm_torch", requires=("cuda",), doc="#41300 after: torch.mm(x, w.T, out_dtype=torch.float32)")
 _reg("router_gemm", "cuda", "dsv4lab.kernels.cuda.cublas_gemm:router_gemm_cublas", requires=("cuda", "nvcc"), doc="#41300 before: cublasGemmEx bf16 x bf16 -> fp32 (COMPUTE_32F, DEFAULT_TENSOR_OP) as a torch op, built at first use")
+_TL = "dsv4lab.kernels.tilelang"
+_TL_REQ = ("cuda", "sm90", "tilelang")
+_reg("mhc_pre", "tilelang", f"{_TL}.mhc_pre:mhc_pre", requires=_TL_REQ, doc="split-K prenorm GEMM (bf16x3 wgmma = fp32 accuracy) + epilogue: Sinkhorn, collapse, RMSNorm")
+_reg("mhc_post", "tilelang", f"{_TL}.mhc_post:mhc_post", requires=_TL_REQ, doc="streaming post*f + comb^T R, one pass")
+_reg("mhc_fused_post_pre", "tilelang", f"{_TL}.mhc_fused_post_pre:mhc_fused_post_pre", requires=_TL_REQ, doc="post in the prenorm GEMM's prologue (writes R'), then the mhc_pre epilogue")
+_reg("hc_head", "tilelang", f"{_TL}.hc_head:hc_head", requires=_TL_REQ, doc="split-K prenorm GEMM (4 mixes) + sigmoid-weighted collapse; returns out")

@@ -1,0 +1,145 @@
+"""Shared pieces of the TileLang mHC kernels: input contracts, compilation, launch heuristics.
+
+The mHC kernels (``mhc_pre``, ``mhc_post``, ``mhc_fused_post_pre``, ``hc_head``) take the same arguments as
+their references in ``dsv4lab.kernels.reference.mhc`` and check them here, BEFORE tilelang is imported or any
+kernel is compiled or launched: wrong type/dtype -> TypeError, wrong shape/device/layout -> ValueError, each
+naming the argument. TileLang is imported lazily (``compile_kernel``), so ``import dsv4lab`` never needs it.
+
+Compilation: one kernel per (builder, static shape, flags), cached in-process (``functools.lru_cache``) and on
+disk by TileLang (``~/.tilelang/cache``). The token count T and the split-K count are dynamic dimensions of
+every kernel, so one compile serves all T. Without a GPU, ``compile_kernel(..., arch="sm_90a")`` still runs
+nvcc and yields a cubin (the compile tests do this); the kernels cannot run on a CPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from dsv4lab.kernels.reference import _checks as chk
+
+HC_MULT = 4            # the kernels are written for n = 4 residual streams (every DSv4 config)
+ALIGN_BYTES = 16       # kernels use 16-byte vector loads / TMA; every tensor base must be 16-byte aligned
+DIM_MULTIPLE = 256     # D must be a multiple of this (prenorm GEMM K-chunk 64 x 4 streams, post tile 256)
+_F32 = (torch.float32,)
+_BF16 = (torch.bfloat16,)
+NORM_WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
+
+# Launch heuristics; the bench may override them (e.g. TUNING["tokens_per_block_max"] = 1).
+TUNING = {
+    "gemm_block_tokens": 64,      # token tile of the prenorm GEMM (one wgmma warpgroup: M = 64)
+    "gemm_min_chunks": 2,         # fewest K-chunks (64 each) a split-K block handles, so its pipeline overlaps
+    "blocks_per_sm": 1,           # the GEMM runs 1 block per SM (warp-specialised, 255 registers at launch)
+    "tokens_per_block_max": 8,    # epilogue: tokens per block at large T (one thread per token does Sinkhorn)
+    "epilogue_blocks_per_sm": 8,  # epilogue: aim for this many blocks per SM before packing tokens
+}
+
+
+# ---- input contract ---------------------------------------------------------------------------------------
+def check_cuda_layout(**tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device, contiguous, 16-byte aligned, and that device a CUDA GPU (checked last, so
+    the layout checks can be exercised on a CPU). Raises ValueError naming the argument; None is skipped."""
+    chk.same_device(**tensors)
+    present = {name: x for name, x in tensors.items() if x is not None}
+    for name, x in present.items():
+        if not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(x.stride())} for shape "
+                             f"{tuple(x.shape)} (call .contiguous() first)")
+        if x.numel() and x.data_ptr() % ALIGN_BYTES:
+            raise ValueError(f"{name}: expected a {ALIGN_BYTES}-byte aligned data pointer (TMA / vector loads), "
+                             f"got address {x.data_ptr():#x} (a view at an odd offset? call .clone())")
+    name, first = next(iter(present.items()))
+    if first.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor (the TileLang kernel runs on an SM90 GPU), "
+                         f"got device {first.device}")
+    return first.device
+
+
+def check_residual(residual: torch.Tensor) -> tuple[int, int, int]:
+    """residual: bf16 [T, 4, D] with D a multiple of 256; returns (T, n, D)."""
+    chk.tensor("residual", residual, _BF16, dim=3)
+    t, n, d = residual.shape
+    if n != HC_MULT:
+        raise ValueError(f"residual: expected hc_mult = {HC_MULT} streams (shape [T, {HC_MULT}, D]), "
+                         f"got shape {tuple(residual.shape)}")
+    if d == 0 or d % DIM_MULTIPLE:
+        raise ValueError(f"residual: expected D a positive multiple of {DIM_MULTIPLE}, got D = {d}")
+    return t, n, d
+
+
+def check_mix_params(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, d: int,
+                     n_mix: int, n_scale: int) -> None:
+    chk.tensor("fn", fn, _F32, dim=2)
+    chk.shape("fn", fn, (n_mix, n * d))
+    chk.tensor("scale", scale, _F32, dim=1)
+    chk.shape("scale", scale, (n_scale,))
+    chk.tensor("base", base, _F32, dim=1)
+    chk.shape("base", base, (n_mix,))
+
+
+def check_norm_weight(norm_weight: torch.Tensor | None, d: int) -> None:
+    if norm_weight is None:
+        return
+    chk.tensor("norm_weight", norm_weight, NORM_WEIGHT_DTYPES, dim=1)
+    chk.shape("norm_weight", norm_weight, (d,))
+
+
+def check_pre_scalars(rms_eps, hc_eps, post_mult, sinkhorn_iters) -> tuple[float, float, float, int]:
+    return (chk.positive_float("rms_eps", rms_eps), chk.positive_float("hc_eps", hc_eps),
+            chk.positive_float("post_mult", post_mult), chk.positive_int("sinkhorn_iters", sinkhorn_iters))
+
+
+def check_post_inputs(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
+                      comb: torch.Tensor) -> tuple[int, int, int]:
+    t, n, d = check_residual(residual)
+    chk.tensor("f", f, _BF16, dim=2)
+    chk.shape("f", f, (t, d))
+    chk.tensor("post", post, _F32, dim=2)
+    chk.shape("post", post, (t, n))
+    chk.tensor("comb", comb, _F32, dim=3)
+    chk.shape("comb", comb, (t, n, n))
+    return t, n, d
+
+
+# ---- compilation ------------------------------------------------------------------------------------------
+def device_arch(device: torch.device | None = None) -> str:
+    """nvcc arch of ``device`` ('sm_90a' on Hopper: wgmma/TMA need the 'a' variant); 'sm_90a' without a GPU."""
+    if not torch.cuda.is_available():
+        return "sm_90a"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
+def compile_kernel(prim_func, arch: str):
+    """``tilelang.compile`` for a CUDA target (tvm_ffi execution backend: the launch uses torch's current
+    stream, so the kernels can be captured in CUDA graphs). Outputs are allocated by the launchers."""
+    import tilelang
+
+    return tilelang.compile(prim_func, target={"kind": "cuda", "arch": arch})
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# ---- launch heuristics ------------------------------------------------------------------------------------
+def split_k(tokens: int, n_chunks: int, sms: int, max_splits: int) -> int:
+    """Number of split-K blocks per token tile for the prenorm GEMM: enough blocks to fill ``sms`` SMs,
+    a divisor of ``n_chunks`` (every split gets the same K range), at most ``max_splits``, each split at
+    least ``gemm_min_chunks`` chunks long."""
+    tiles = math.ceil(tokens / TUNING["gemm_block_tokens"])
+    want = min(max_splits, max(1, (sms * TUNING["blocks_per_sm"]) // max(tiles, 1)))
+    best = 1
+    for s in range(1, n_chunks + 1):
+        if n_chunks % s == 0 and s <= want and n_chunks // s >= TUNING["gemm_min_chunks"]:
+            best = s
+    return best
+
+
+def tokens_per_block(tokens: int, sms: int) -> int:
+    """Epilogue tokens per block: 1 until there are ``epilogue_blocks_per_sm`` blocks per SM, then more
+    (each token's Sinkhorn runs on its own thread, so packing tokens hides its latency at large T)."""
+    per = tokens // max(1, sms * TUNING["epilogue_blocks_per_sm"])
+    return max(1, min(TUNING["tokens_per_block_max"], per))

@@ -1,0 +1,91 @@
+"""TileLang hc_head for Hopper: the final collapse before the LM head (dsv4-layers.md 2.7).
+
+    m   = (flatten(R) @ fn.T) * rsqrt(sum(flatten(R)^2) / nD + rms_eps)       fn [4, nD], fp32 math
+    pre = sigmoid(m * scale[0] + base) + hc_eps
+    out = bf16(sum_i pre_i R[i])                                              [T, D]; the caller applies norm.weight
+
+Two kernels, as for ``mhc_pre``: the split-K prenorm GEMM of ``mhc_pre`` with 4 mixes (wgmma n16: 3 bf16
+terms x 4 + 4 zero columns), then ``head_epilogue_kernel`` (reduce splits, sigmoid, collapse; blocks walk the
+tokens in reverse so the first ones find the GEMM's last tiles in L2). The launcher allocates and returns
+``out``, the functional form PR #43905 gave vLLM's ``hc_head_fused_kernel_tilelang``.
+"""
+# no `from __future__ import annotations`: TileLang reads the prim_func annotations in the builder's scope.
+import functools
+
+import torch
+
+from dsv4lab.kernels.reference import _checks as chk
+
+from . import _mhc_common as common
+from .mhc_pre import (EPILOGUE_THREADS, MAX_TOKENS_PER_BLOCK, MIX_LANES, SPLIT_LANES, gemm_splits,
+                      prenorm_gemm_kernel, split_reduce_macro)
+
+
+@functools.lru_cache(maxsize=None)
+def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float):
+    """Compiled hc_head epilogue for hidden size ``d`` (n = 4). Arguments: mix_part [S, T, 4], sq_part [S, T],
+    residual [T, 4, d] bf16, scale [1], base [4], out [T, d] bf16 (out), tokens_per_block (int32 scalar)."""
+    import tilelang.language as T
+
+    n = common.HC_MULT
+    nd = n * d
+    num_tokens = T.dynamic("num_tokens")
+    n_splits = T.dynamic("n_splits")
+    reduce_splits = split_reduce_macro(n)
+
+    @T.prim_func
+    def head_epilogue(mix_part: T.Tensor((n_splits, num_tokens, n), "float32"),
+                      sq_part: T.Tensor((n_splits, num_tokens), "float32"),
+                      residual: T.Tensor((num_tokens, n, d), "bfloat16"),
+                      scale: T.Tensor((1,), "float32"),
+                      base: T.Tensor((n,), "float32"),
+                      out: T.Tensor((num_tokens, d), "bfloat16"),
+                      tokens_per_block: T.int32):
+        with T.Kernel(T.ceildiv(num_tokens, tokens_per_block), threads=EPILOGUE_THREADS) as bx:
+            lanes = T.alloc_fragment((SPLIT_LANES, MIX_LANES), "float32")
+            lane_sum = T.alloc_fragment((MIX_LANES,), "float32")
+            mixes = T.alloc_shared((MAX_TOKENS_PER_BLOCK, MIX_LANES), "float32")
+            pre_s = T.alloc_shared((MAX_TOKENS_PER_BLOCK, n), "float32")
+            t0 = (T.ceildiv(num_tokens, tokens_per_block) - 1 - bx) * tokens_per_block
+            for tok in T.serial(tokens_per_block):
+                if t0 + tok < num_tokens:
+                    reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            T.sync_threads()
+            for tok, i in T.Parallel(MAX_TOKENS_PER_BLOCK, n):
+                if tok < tokens_per_block:
+                    pre_s[tok, i] = 1.0 / (1.0 + T.exp(-(mixes[tok, i] * T.rsqrt(mixes[tok, n] / nd + rms_eps)
+                                                          * scale[0] + base[i]))) + hc_eps
+            T.sync_threads()
+            for tok in T.serial(tokens_per_block):
+                if t0 + tok < num_tokens:
+                    for e in T.Parallel(d):
+                        out[t0 + tok, e] = T.cast(
+                            pre_s[tok, 0] * T.cast(residual[t0 + tok, 0, e], "float32")
+                            + pre_s[tok, 1] * T.cast(residual[t0 + tok, 1, e], "float32")
+                            + pre_s[tok, 2] * T.cast(residual[t0 + tok, 2, e], "float32")
+                            + pre_s[tok, 3] * T.cast(residual[t0 + tok, 3, e], "float32"),
+                            "bfloat16")
+
+    return common.compile_kernel(head_epilogue, arch)
+
+
+def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+            rms_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
+    """hc_head on an SM90 GPU; same contract as ``reference.mhc.hc_head``: returns [T, D] bf16."""
+    t, n, d = common.check_residual(residual)
+    common.check_mix_params(fn, scale, base, n, d, n, 1)
+    rms_eps = chk.positive_float("rms_eps", rms_eps)
+    hc_eps = chk.positive_float("hc_eps", hc_eps)
+    common.check_cuda_layout(residual=residual, fn=fn, scale=scale, base=base)
+    dev = residual.device
+    out = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
+    if t == 0:
+        return out
+    arch = common.device_arch(dev)
+    splits = gemm_splits(t, n * d, dev)
+    mix_part = torch.empty(splits, t, n, dtype=torch.float32, device=dev)
+    sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
+    prenorm_gemm_kernel(n * d, n, arch)(residual.view(t, n * d), fn, mix_part, sq_part)
+    tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(dev.index or 0)))
+    head_epilogue_kernel(d, arch, rms_eps, hc_eps)(mix_part, sq_part, residual, scale, base, out, tpb)
+    return out

@@ -1,0 +1,321 @@
+"""TileLang mhc_pre for Hopper: hc_pre + the fused sublayer RMSNorm (dsv4-layers.md 2.2-2.4).
+
+Math (per token, fp32; reference ``dsv4lab.kernels.reference.mhc.mhc_pre``), with ``x = flatten(R) [nD]``:
+
+    m     = (x @ fn.T) * rsqrt(sum(x^2) / nD + rms_eps)                                   [24]
+    pre   = sigmoid(m[0:4] * scale[0] + base[0:4]) + hc_eps
+    post  = sigmoid(m[4:8] * scale[1] + base[4:8]) * post_mult
+    comb  = Sinkhorn(m[8:24].view(4, 4) * scale[2] + base[8:24]; hc_eps, sinkhorn_iters)
+    y     = bf16(sum_i pre_i R[i]);   layer_input = bf16(y * rsqrt(sum(y^2) / D + rms_eps) * norm_weight)
+                                      (layer_input = y when norm_weight is None)
+
+Two kernels (the design vLLM and TileKernels also use; the reasons are below):
+
+1. ``prenorm_gemm_kernel``: split-K partial sums ``mix_part[s, t, :] = x[t, Ks] @ fn[:, Ks].T`` and
+   ``sq_part[s, t] = sum(x[t, Ks]^2)``, grid ``(n_splits, ceil(T / 64))``. The 24-wide projection runs on the
+   tensor cores in fp32-equivalent precision: x is bf16 (exact), and each fp32 fn chunk is split in shared
+   memory into three bf16 terms ``fn = hi + mid + lo`` (8 + 8 + 8 significant bits, exact up to ~2^-24|fn|);
+   one wgmma ``[64 tokens, K] x [K, 80]`` (72 = 3 x 24 columns + 8 zero columns) accumulates the three
+   products in fp32, summed as ``hi + (mid + lo)`` at the end. Doing the 24 dot products with FMAs instead
+   would need 25 FMAs per loaded element, more than an H100 SM issues at HBM speed; TF32 (DeepGEMM's
+   ``tf32_hc_prenorm_gemm``) is ~1e-3 accurate, the split is ~1e-6. TMA loads x and fn tiles; TileLang
+   warp-specialises (producer warpgroup + one consumer warpgroup).
+2. ``pre_epilogue_kernel``: per token, reduce the splits, sigmoid mixes, Sinkhorn (one thread per token,
+   reciprocal-multiply normalisations), then the collapse re-reads R (from L2 when the GEMM has just
+   streamed it: blocks walk the tokens in reverse, so the first ones find the GEMM's last tiles still
+   cached), rounds to bf16 and applies the RMSNorm. Token order never changes a result.
+
+Why not one kernel: the collapse needs the pre weights, which need the full-K reduction, so R is read twice
+unless a block keeps its tokens on chip; a block of a few tokens would then re-stream all of fn (1.5 MB
+Flash / 2.75 MB Pro) from L2 per few tokens, ~12x the residual traffic. Minimum HBM traffic is 10TD bytes
+(roofline row 2); this design moves ~18TD at large T (the second R read misses L2 beyond ~1-2k tokens).
+
+Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
+dimensions, so one compile per (D, norm flavour) serves every T.
+"""
+# no `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations of a prim_func
+# in the builder's scope (shapes are closure variables), which postponed annotations would break.
+import functools
+
+import torch
+
+from . import _mhc_common as common
+
+BLOCK_K = 64            # K elements per pipeline stage of the prenorm GEMM (128-byte bf16 rows)
+GEMM_STAGES = 4
+MAX_SPLITS = 32         # the epilogue reduces splits 8 at a time; 32 keeps that to <= 4 rounds
+SPLIT_LANES = 8         # epilogue: splits reduced in parallel
+MIX_LANES = 32          # epilogue: lanes for the 24 (or 4) mixes + the sum of squares
+MAX_TOKENS_PER_BLOCK = 8
+EPILOGUE_THREADS = 256
+
+
+def padded_columns(n_mix: int) -> int:
+    """GEMM N: 3 bf16 terms per mix, rounded up to 16 (wgmma n80 for 24 mixes, n16 for hc_head's 4)."""
+    return -(-3 * n_mix // 16) * 16
+
+
+@functools.lru_cache(maxsize=None)
+def prenorm_gemm_kernel(nd: int, n_mix: int, arch: str, block_tokens: int = 64, stages: int = GEMM_STAGES):
+    """Compiled split-K prenorm GEMM for K = nd, ``n_mix`` rows of fn (24 for mhc_pre, 4 for hc_head).
+
+    Arguments: x [T, nd] bf16, fn [n_mix, nd] fp32, mix_part [S, T, n_mix] fp32 (out), sq_part [S, T] fp32
+    (out); S = n_splits must divide nd / 64.
+    """
+    import tilelang.language as T
+
+    if nd % BLOCK_K:
+        raise ValueError(f"nd: expected a multiple of {BLOCK_K}, got {nd}")
+    n_cols = padded_columns(n_mix)
+    n_chunks = nd // BLOCK_K
+    num_tokens = T.dynamic("num_tokens")
+    n_splits = T.dynamic("n_splits")
+
+    @T.prim_func
+    def prenorm_gemm(x: T.Tensor((num_tokens, nd), "bfloat16"),
+                     fn: T.Tensor((n_mix, nd), "float32"),
+                     mix_part: T.Tensor((n_splits, num_tokens, n_mix), "float32"),
+                     sq_part: T.Tensor((n_splits, num_tokens), "float32")):
+        with T.Kernel(n_splits, T.ceildiv(num_tokens, block_tokens), threads=128) as (split, tile):
+            x_s = T.alloc_shared((block_tokens, BLOCK_K), "bfloat16")
+            fn_s = T.alloc_shared((n_mix, BLOCK_K), "float32")
+            w_s = T.alloc_shared((n_cols, BLOCK_K), "bfloat16")
+            acc = T.alloc_fragment((block_tokens, n_cols), "float32")
+            sq = T.alloc_fragment((block_tokens, BLOCK_K), "float32")
+            sq_sum = T.alloc_fragment((block_tokens,), "float32")
+            acc_s = T.alloc_shared((block_tokens, n_cols), "float32")
+            T.clear(acc)
+            T.clear(sq)
+            chunks_per_split = n_chunks // n_splits
+            for c in T.Pipelined(chunks_per_split, num_stages=stages):
+                k0 = (split * chunks_per_split + c) * BLOCK_K
+                T.copy(x[tile * block_tokens, k0], x_s)
+                T.copy(fn[0, k0], fn_s)
+                # fp32 -> hi + mid + lo (bf16 each); the differences are exact in fp32
+                for m, j in T.Parallel(n_mix, BLOCK_K):
+                    hi = T.cast(fn_s[m, j], "bfloat16")
+                    r1 = fn_s[m, j] - T.cast(hi, "float32")
+                    mid = T.cast(r1, "bfloat16")
+                    w_s[m, j] = hi
+                    w_s[n_mix + m, j] = mid
+                    w_s[2 * n_mix + m, j] = T.cast(r1 - T.cast(mid, "float32"), "bfloat16")
+                for m, j in T.Parallel(n_cols - 3 * n_mix, BLOCK_K):
+                    w_s[3 * n_mix + m, j] = T.cast(0, "bfloat16")
+                for i, j in T.Parallel(block_tokens, BLOCK_K):
+                    sq[i, j] += T.cast(x_s[i, j], "float32") * T.cast(x_s[i, j], "float32")
+                T.gemm(x_s, w_s, acc, transpose_B=True)
+            T.reduce_sum(sq, sq_sum, dim=1)
+            T.copy(acc, acc_s)
+            for i, m in T.Parallel(block_tokens, n_mix):
+                if tile * block_tokens + i < num_tokens:
+                    mix_part[split, tile * block_tokens + i, m] = (
+                        acc_s[i, m] + (acc_s[i, n_mix + m] + acc_s[i, 2 * n_mix + m]))
+            for i in T.Parallel(block_tokens):
+                if tile * block_tokens + i < num_tokens:
+                    sq_part[split, tile * block_tokens + i] = sq_sum[i]
+
+    return common.compile_kernel(prenorm_gemm, arch)
+
+
+def split_reduce_macro(n_mix: int):
+    """T.macro: ``mixes[tok, 0:n_mix]`` and ``mixes[tok, n_mix]`` (sum of squares) of token ``t``, summed
+    over the ``n_splits`` partials, SPLIT_LANES splits at a time across the block's threads."""
+    import tilelang.language as T
+
+    @T.macro
+    def reduce_splits(mix_part, sq_part, n_splits, t, tok, lanes, lane_sum, mixes):
+        T.clear(lanes)
+        for r in T.serial(T.ceildiv(n_splits, SPLIT_LANES)):
+            for s, m in T.Parallel(SPLIT_LANES, MIX_LANES):
+                sp = r * SPLIT_LANES + s
+                if sp < n_splits:
+                    if m < n_mix:
+                        lanes[s, m] += mix_part[sp, t, m]
+                    elif m == n_mix:
+                        lanes[s, m] += sq_part[sp, t]
+        T.reduce_sum(lanes, lane_sum, dim=0)
+        for m in T.Parallel(MIX_LANES):
+            mixes[tok, m] = lane_sum[m]
+
+    return reduce_splits
+
+
+@functools.lru_cache(maxsize=None)
+def pre_epilogue_kernel(d: int, arch: str, norm_dtype: str | None, rms_eps: float, hc_eps: float,
+                        post_mult: float, sinkhorn_iters: int):
+    """Compiled mhc_pre epilogue for hidden size ``d`` (n = 4). ``norm_dtype`` None: no RMSNorm (the
+    ``norm_weight`` argument is then ignored). Arguments: mix_part [S, T, 24], sq_part [S, T], residual
+    [T, 4, d] bf16, scale [3], base [24], norm_weight [d], layer_input [T, d] bf16 (out), post [T, 4] (out),
+    comb [T, 4, 4] (out), tokens_per_block (int32 scalar, <= MAX_TOKENS_PER_BLOCK)."""
+    import tilelang.language as T
+
+    n = common.HC_MULT
+    n_mix = (2 + n) * n
+    nd = n * d
+    num_tokens = T.dynamic("num_tokens")
+    n_splits = T.dynamic("n_splits")
+    reduce_splits = split_reduce_macro(n_mix)
+    w_dtype = norm_dtype or "bfloat16"
+
+    @T.prim_func
+    def pre_epilogue(mix_part: T.Tensor((n_splits, num_tokens, n_mix), "float32"),
+                     sq_part: T.Tensor((n_splits, num_tokens), "float32"),
+                     residual: T.Tensor((num_tokens, n, d), "bfloat16"),
+                     scale: T.Tensor((3,), "float32"),
+                     base: T.Tensor((n_mix,), "float32"),
+                     norm_weight: T.Tensor((d,), w_dtype),
+                     layer_input: T.Tensor((num_tokens, d), "bfloat16"),
+                     post: T.Tensor((num_tokens, n), "float32"),
+                     comb: T.Tensor((num_tokens, n, n), "float32"),
+                     tokens_per_block: T.int32):
+        with T.Kernel(T.ceildiv(num_tokens, tokens_per_block), threads=EPILOGUE_THREADS) as bx:
+            lanes = T.alloc_fragment((SPLIT_LANES, MIX_LANES), "float32")
+            lane_sum = T.alloc_fragment((MIX_LANES,), "float32")
+            mixes = T.alloc_shared((MAX_TOKENS_PER_BLOCK, MIX_LANES), "float32")
+            pre_s = T.alloc_shared((MAX_TOKENS_PER_BLOCK, n), "float32")
+            c = T.alloc_local((n * n,), "float32")
+            stat = T.alloc_local((4,), "float32")
+            y = T.alloc_fragment((d,), "float32")
+            y_sq = T.alloc_fragment((d,), "float32")
+            y_ss = T.alloc_fragment((1,), "float32")
+            tx = T.get_thread_binding(0)
+            # reverse block order: the first epilogue blocks read the tokens the GEMM streamed last (in L2)
+            t0 = (T.ceildiv(num_tokens, tokens_per_block) - 1 - bx) * tokens_per_block
+
+            for tok in T.serial(tokens_per_block):
+                if t0 + tok < num_tokens:
+                    reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            T.sync_threads()
+
+            # one thread per token: mixes, sigmoid, Sinkhorn (dsv4-layers.md 2.3, reference order)
+            if tx < tokens_per_block and t0 + tx < num_tokens:
+                t = t0 + tx
+                stat[1] = T.rsqrt(mixes[tx, n_mix] / nd + rms_eps)
+                for i in T.unroll(n):
+                    pre_s[tx, i] = 1.0 / (1.0 + T.exp(-(mixes[tx, i] * stat[1] * scale[0] + base[i]))) + hc_eps
+                    post[t, i] = post_mult / (1.0 + T.exp(-(mixes[tx, n + i] * stat[1] * scale[1] + base[n + i])))
+                for j in T.unroll(n):  # row softmax + eps (the first row pass)
+                    stat[2] = -T.infinity("float32")
+                    for k in T.unroll(n):
+                        c[j * n + k] = mixes[tx, 2 * n + j * n + k] * stat[1] * scale[2] + base[2 * n + j * n + k]
+                        stat[2] = T.max(stat[2], c[j * n + k])
+                    stat[3] = 0.0
+                    for k in T.unroll(n):
+                        c[j * n + k] = T.exp(c[j * n + k] - stat[2])
+                        stat[3] += c[j * n + k]
+                    stat[3] = 1.0 / stat[3]
+                    for k in T.unroll(n):
+                        c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
+                # then columns, (rows, columns) x (iters - 1): passes alternate, the last is a column pass
+                for p in T.serial(2 * sinkhorn_iters - 1):
+                    if p % 2 == 0:
+                        for k in T.unroll(n):
+                            stat[0] = hc_eps
+                            for j in T.unroll(n):
+                                stat[0] += c[j * n + k]
+                            stat[0] = 1.0 / stat[0]
+                            for j in T.unroll(n):
+                                c[j * n + k] *= stat[0]
+                    else:
+                        for j in T.unroll(n):
+                            stat[0] = hc_eps
+                            for k in T.unroll(n):
+                                stat[0] += c[j * n + k]
+                            stat[0] = 1.0 / stat[0]
+                            for k in T.unroll(n):
+                                c[j * n + k] *= stat[0]
+                for j in T.unroll(n):
+                    for k in T.unroll(n):
+                        comb[t, j, k] = c[j * n + k]
+            T.sync_threads()
+
+            # collapse -> bf16 -> RMSNorm -> bf16, one token at a time across the block
+            for tok in T.serial(tokens_per_block):
+                if t0 + tok < num_tokens:
+                    for e in T.Parallel(d):
+                        y[e] = T.cast(T.cast(
+                            pre_s[tok, 0] * T.cast(residual[t0 + tok, 0, e], "float32")
+                            + pre_s[tok, 1] * T.cast(residual[t0 + tok, 1, e], "float32")
+                            + pre_s[tok, 2] * T.cast(residual[t0 + tok, 2, e], "float32")
+                            + pre_s[tok, 3] * T.cast(residual[t0 + tok, 3, e], "float32"),
+                            "bfloat16"), "float32")
+                    if norm_dtype is None:
+                        for e in T.Parallel(d):
+                            layer_input[t0 + tok, e] = T.cast(y[e], "bfloat16")
+                    else:
+                        for e in T.Parallel(d):
+                            y_sq[e] = y[e] * y[e]
+                        T.reduce_sum(y_sq, y_ss, dim=0)
+                        for e in T.Parallel(d):
+                            layer_input[t0 + tok, e] = T.cast(
+                                y[e] * T.rsqrt(y_ss[0] / d + rms_eps) * T.cast(norm_weight[e], "float32"),
+                                "bfloat16")
+
+    return common.compile_kernel(pre_epilogue, arch)
+
+
+# ---- launcher ---------------------------------------------------------------------------------------------
+def check_pre_inputs(residual, fn, scale, base, norm_weight, rms_eps, hc_eps, post_mult, sinkhorn_iters,
+                     layout: bool = True):
+    """Input contract of mhc_pre (and the pre half of mhc_fused_post_pre, which checks the device/layout of
+    all its tensors at once: ``layout=False``); returns (T, n, D, scalars)."""
+    t, n, d = common.check_residual(residual)
+    common.check_mix_params(fn, scale, base, n, d, (2 + n) * n, 3)
+    common.check_norm_weight(norm_weight, d)
+    scalars = common.check_pre_scalars(rms_eps, hc_eps, post_mult, sinkhorn_iters)
+    if layout:
+        common.check_cuda_layout(residual=residual, fn=fn, scale=scale, base=base, norm_weight=norm_weight)
+    return t, n, d, scalars
+
+
+_placeholders: dict[tuple, torch.Tensor] = {}
+
+
+def _weight_or_placeholder(norm_weight: torch.Tensor | None, d: int, device: torch.device) -> torch.Tensor:
+    """The kernel signature always has a norm weight; without one it is compiled not to read it."""
+    if norm_weight is not None:
+        return norm_weight
+    key = (d, str(device))
+    if key not in _placeholders:
+        _placeholders[key] = torch.empty(d, dtype=torch.bfloat16, device=device)
+    return _placeholders[key]
+
+
+def run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb):
+    """Launch the epilogue on the outputs of a prenorm GEMM (shared with mhc_fused_post_pre)."""
+    t, _, d = residual.shape
+    rms_eps, hc_eps, post_mult, iters = scalars
+    arch = common.device_arch(residual.device)
+    norm_dtype = None if norm_weight is None else str(norm_weight.dtype).removeprefix("torch.")
+    kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters)
+    tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(residual.device.index or 0)))
+    kernel(mix_part, sq_part, residual, scale, base, _weight_or_placeholder(norm_weight, d, residual.device),
+           layer_input, post, comb, tpb)
+
+
+def gemm_splits(t: int, nd: int, device: torch.device) -> int:
+    """Split-K count of the prenorm GEMM for T = t, K = nd on ``device`` (see ``common.split_k``)."""
+    return common.split_k(t, nd // BLOCK_K, common.sm_count(device.index or 0), MAX_SPLITS)
+
+
+def mhc_pre(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+            norm_weight: torch.Tensor | None, *, rms_eps: float = 1e-6, hc_eps: float = 1e-6,
+            post_mult: float = 2.0, sinkhorn_iters: int = 20
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hc_pre + fused RMSNorm on an SM90 GPU; same contract as ``reference.mhc.mhc_pre``:
+    returns ``(layer_input [T, D] bf16, post [T, 4] fp32, comb [T, 4, 4] fp32)``."""
+    t, n, d, scalars = check_pre_inputs(residual, fn, scale, base, norm_weight, rms_eps, hc_eps, post_mult,
+                                        sinkhorn_iters)
+    dev = residual.device
+    layer_input = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
+    post = torch.empty(t, n, dtype=torch.float32, device=dev)
+    comb = torch.empty(t, n, n, dtype=torch.float32, device=dev)
+    if t == 0:
+        return layer_input, post, comb
+    splits = gemm_splits(t, n * d, dev)
+    mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
+    sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
+    prenorm_gemm_kernel(n * d, fn.shape[0], common.device_arch(dev))(residual.view(t, n * d), fn, mix_part, sq_part)
+    run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb)
+    return layer_input, post, comb
+

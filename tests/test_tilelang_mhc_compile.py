@@ -1,0 +1,228 @@
+"""TileLang mHC kernels: they compile to sm_90a cubin (nvcc + tilelang present, no GPU needed) with the
+intended instructions, and every launcher rejects bad input with a clear error before any compile or launch.
+
+The kernels cannot run on a CPU: their numerics are checked on the H100 by bench/pr43905_mhc_direct.py.
+"""
+import shutil
+
+import pytest
+import torch
+
+from dsv4lab.kernels.tilelang import _mhc_common as common
+from dsv4lab.kernels.tilelang import hc_head as tl_head
+from dsv4lab.kernels.tilelang import mhc_fused_post_pre as tl_fused
+from dsv4lab.kernels.tilelang import mhc_post as tl_post
+from dsv4lab.kernels.tilelang import mhc_pre as tl_pre
+
+D_TOY = 256   # toy preset hidden size; every kernel is compiled for it (compile cost is shape-independent)
+ARCH = "sm_90a"
+
+
+def _have_tilelang() -> bool:
+    try:
+        import tilelang  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_compiler = pytest.mark.skipif(
+    not (_have_tilelang() and shutil.which("nvcc")),
+    reason="needs tilelang (pip install tilelang==0.1.15) and nvcc on PATH to compile for sm_90a")
+
+
+# ---- compilation --------------------------------------------------------------------------------------------
+@needs_compiler
+def test_prenorm_gemm_uses_bf16_wgmma_with_tma() -> None:
+    src = tl_pre.prenorm_gemm_kernel(4 * D_TOY, 24, ARCH).get_kernel_source()
+    # 3 bf16 terms x 24 mixes = 72 columns, padded to one m64n80k16 wgmma with an fp32 accumulator
+    assert "wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32, 64, 80, 16" in src
+    assert "tma_load" in src
+    assert "__float22bfloat162_rn" in src  # the hi/mid/lo split rounds to nearest
+
+
+@needs_compiler
+def test_head_gemm_uses_n16_wgmma() -> None:
+    src = tl_pre.prenorm_gemm_kernel(4 * D_TOY, 4, ARCH).get_kernel_source()
+    assert "kFloat32, 64, 16, 16" in src
+
+
+@needs_compiler
+def test_fused_gemm_writes_new_residual_and_uses_wgmma() -> None:
+    src = tl_fused.post_prenorm_gemm_kernel(D_TOY, ARCH).get_kernel_source()
+    assert "kFloat32, 64, 80, 16" in src
+    assert "new_residual[" in src or "new_residual +" in src
+    assert src.count("tma_load(") >= 3   # f, residual and fn tiles
+
+
+@needs_compiler
+def test_epilogues_and_post_compile() -> None:
+    pre = tl_pre.pre_epilogue_kernel(D_TOY, ARCH, "bfloat16", 1e-6, 1e-6, 2.0, 20).get_kernel_source()
+    assert "expf" in pre and "rsqrtf" in pre
+    assert "__expf" not in pre          # no fast-math: the mixes must match the fp32 reference to ~1e-6
+    no_norm = tl_pre.pre_epilogue_kernel(D_TOY, ARCH, None, 1e-6, 1e-6, 2.0, 20).get_kernel_source()
+    assert "norm_weight[" not in no_norm.split("__global__")[-1]
+    head = tl_head.head_epilogue_kernel(D_TOY, ARCH, 1e-6, 1e-6).get_kernel_source()
+    assert "expf" in head
+    post = tl_post.post_kernel(D_TOY, ARCH).get_kernel_source()
+    assert "uint4" in post              # 16-byte vector loads of the residual
+
+
+# ---- launch heuristics (pure Python) ------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 3, 64, 65, 1000, 4096, 16384])
+@pytest.mark.parametrize("n_chunks", [256, 448])   # Flash nD/64, Pro nD/64
+def test_split_k_divides_and_is_bounded(tokens: int, n_chunks: int) -> None:
+    s = common.split_k(tokens, n_chunks, sms=132, max_splits=tl_pre.MAX_SPLITS)
+    assert 1 <= s <= tl_pre.MAX_SPLITS and n_chunks % s == 0
+    assert n_chunks // s >= common.TUNING["gemm_min_chunks"]
+    tiles = -(-tokens // common.TUNING["gemm_block_tokens"])
+    if tiles >= 132:
+        assert s == 1   # enough token tiles to fill the GPU: no split-K partials to reduce
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 1024, 16384, 10**6])
+def test_tokens_per_block_bounded(tokens: int) -> None:
+    tpb = common.tokens_per_block(tokens, sms=132)
+    assert 1 <= tpb <= common.TUNING["tokens_per_block_max"] <= tl_pre.MAX_TOKENS_PER_BLOCK
+
+
+# ---- input contracts (CPU tensors; nothing may compile or launch) -------------------------------------------
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Any attempt to compile (and hence launch) during a contract test fails it."""
+    def boom(*a, **k):
+        raise AssertionError("a kernel was compiled before the input check failed")
+    monkeypatch.setattr(common, "compile_kernel", boom)
+
+
+def _pre_args(t: int = 3, d: int = D_TOY):
+    n = 4
+    residual = torch.randn(t, n, d).to(torch.bfloat16)
+    fn = torch.randn(24, n * d) / (n * d) ** 0.5
+    return residual, fn, torch.ones(3), torch.zeros(24), torch.ones(d, dtype=torch.bfloat16)
+
+
+def _post_args(t: int = 3, d: int = D_TOY):
+    return (torch.randn(t, d).to(torch.bfloat16), torch.randn(t, 4, d).to(torch.bfloat16),
+            torch.rand(t, 4) * 2, torch.softmax(torch.randn(t, 4, 4), -1))
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_cpu_tensors_rejected_before_launch() -> None:
+    residual, fn, scale, base, w = _pre_args()
+    with pytest.raises(ValueError, match="residual: expected a CUDA tensor"):
+        tl_pre.mhc_pre(residual, fn, scale, base, w)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        tl_post.mhc_post(*_post_args())
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        tl_fused.mhc_fused_post_pre(*_post_args(), fn, scale, base, w)
+    with pytest.raises(ValueError, match="residual: expected a CUDA tensor"):
+        tl_head.hc_head(residual, torch.randn(4, 4 * D_TOY), torch.ones(1), torch.zeros(4))
+
+
+@pytest.mark.usefixtures("no_compile")
+@pytest.mark.parametrize("case, exc, match", [
+    ("residual_fp32", TypeError, "residual: expected dtype"),
+    ("three_streams", ValueError, "residual: expected hc_mult = 4"),
+    ("d_not_multiple", ValueError, "residual: expected D a positive multiple of 256"),
+    ("fn_shape", ValueError, r"fn: expected shape \(24, 1024\)"),
+    ("fn_bf16", TypeError, "fn: expected dtype"),
+    ("scale_shape", ValueError, "scale: expected shape"),
+    ("base_shape", ValueError, "base: expected shape"),
+    ("norm_weight_shape", ValueError, "norm_weight: expected shape"),
+    ("norm_weight_int", TypeError, "norm_weight: expected dtype"),
+    ("rms_eps", ValueError, "rms_eps: expected a positive float"),
+    ("iters", ValueError, "sinkhorn_iters: expected a positive int"),
+    ("noncontiguous", ValueError, "residual: expected a contiguous tensor"),
+    ("misaligned", ValueError, "fn: expected a 16-byte aligned data pointer"),
+])
+def test_mhc_pre_contract(case: str, exc: type, match: str) -> None:
+    residual, fn, scale, base, w = _pre_args()
+    kw = {}
+    if case == "residual_fp32":
+        residual = residual.float()
+    elif case == "three_streams":
+        residual = residual[:, :3].contiguous()
+    elif case == "d_not_multiple":
+        residual = torch.randn(3, 4, 200).to(torch.bfloat16)
+    elif case == "fn_shape":
+        fn = fn[:, :-64].contiguous()
+    elif case == "fn_bf16":
+        fn = fn.to(torch.bfloat16)
+    elif case == "scale_shape":
+        scale = torch.ones(2)
+    elif case == "base_shape":
+        base = torch.zeros(16)
+    elif case == "norm_weight_shape":
+        w = torch.ones(D_TOY + 1, dtype=torch.bfloat16)
+    elif case == "norm_weight_int":
+        w = torch.ones(D_TOY, dtype=torch.int32)
+    elif case == "rms_eps":
+        kw["rms_eps"] = 0.0
+    elif case == "iters":
+        kw["sinkhorn_iters"] = 0
+    elif case == "noncontiguous":
+        residual = torch.randn(4, 3, D_TOY).to(torch.bfloat16).transpose(0, 1)
+    elif case == "misaligned":
+        fn = torch.randn(24 * 4 * D_TOY + 1)[1:].view(24, 4 * D_TOY)   # 4-byte offset
+    with pytest.raises(exc, match=match):
+        tl_pre.mhc_pre(residual, fn, scale, base, w, **kw)
+
+
+@pytest.mark.usefixtures("no_compile")
+@pytest.mark.parametrize("case, exc, match", [
+    ("f_fp32", TypeError, "f: expected dtype"),
+    ("f_tokens", ValueError, r"f: expected shape \(3, 256\)"),
+    ("post_shape", ValueError, r"post: expected shape \(3, 4\)"),
+    ("comb_dtype", TypeError, "comb: expected dtype"),
+    ("comb_shape", ValueError, r"comb: expected shape \(3, 4, 4\)"),
+    ("devices", ValueError, "different devices"),
+])
+def test_mhc_post_and_fused_contract(case: str, exc: type, match: str) -> None:
+    f, residual, post, comb = _post_args()
+    if case == "f_fp32":
+        f = f.float()
+    elif case == "f_tokens":
+        f = f[:2]
+    elif case == "post_shape":
+        post = post[:, :3]
+    elif case == "comb_dtype":
+        comb = comb.double()
+    elif case == "comb_shape":
+        comb = comb[:, :, :3]
+    elif case == "devices":
+        post = post.to("meta")
+    with pytest.raises(exc, match=match):
+        tl_post.mhc_post(f, residual, post, comb)
+    _, fn, scale, base, w = _pre_args()
+    with pytest.raises(exc, match=match):
+        tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_fused_checks_the_pre_half_too() -> None:
+    f, residual, post, comb = _post_args()
+    _, fn, scale, base, w = _pre_args()
+    with pytest.raises(ValueError, match="post_mult: expected a positive float"):
+        tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w, post_mult=-2.0)
+    with pytest.raises(ValueError, match="fn: expected shape"):
+        tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn[:4].contiguous(), scale, base, w)
+
+
+@pytest.mark.usefixtures("no_compile")
+@pytest.mark.parametrize("case, exc, match", [
+    ("fn_rows", ValueError, r"fn: expected shape \(4, 1024\)"),
+    ("scale_shape", ValueError, r"scale: expected shape \(1,\)"),
+    ("hc_eps", ValueError, "hc_eps: expected a positive float"),
+])
+def test_hc_head_contract(case: str, exc: type, match: str) -> None:
+    residual = torch.randn(3, 4, D_TOY).to(torch.bfloat16)
+    fn, scale, base, kw = torch.randn(4, 4 * D_TOY), torch.ones(1), torch.zeros(4), {}
+    if case == "fn_rows":
+        fn = torch.randn(24, 4 * D_TOY)
+    elif case == "scale_shape":
+        scale = torch.ones(3)
+    elif case == "hc_eps":
+        kw["hc_eps"] = -1e-6
+    with pytest.raises(exc, match=match):
+        tl_head.hc_head(residual, fn, scale, base, **kw)
