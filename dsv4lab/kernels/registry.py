@@ -191,3 +191,4 @@ _reg("mhc_pre", "tilelang", f"{_TL}.mhc_pre:mhc_pre", requires=_TL_REQ, doc="spl
 _reg("mhc_post", "tilelang", f"{_TL}.mhc_post:mhc_post", requires=_TL_REQ, doc="streaming post*f + comb^T R, one pass")
 _reg("mhc_fused_post_pre", "tilelang", f"{_TL}.mhc_fused_post_pre:mhc_fused_post_pre", requires=_TL_REQ, doc="post in the prenorm GEMM's prologue (writes R'), then the mhc_pre epilogue")
 _reg("hc_head", "tilelang", f"{_TL}.hc_head:hc_head", requires=_TL_REQ, doc="split-K prenorm GEMM (4 mixes) + sigmoid-weighted collapse; returns out")
+_reg("moe_routing", "triton", "dsv4lab.kernels.triton.moe_routing:route", requires=("triton",), doc="one program per token: sqrt-softplus, bias top-k by k argmax rounds (ties -> lower id) or tid2eid hash, renormalise, scale")
