@@ -105,7 +105,7 @@ def test_cublas_backend_checks_inputs_before_any_build(monkeypatch: pytest.Monke
     def no_build():
         raise AssertionError("the extension must not be built for inputs that fail the contract")
 
-    monkeypatch.setattr(cg, "_op", no_build)
+    monkeypatch.setattr(cg, "gemm_op", no_build)
     x, w = _inputs(2, 8, 32)
     with pytest.raises(ValueError, match="CUDA tensor"):
         cg.router_gemm_cublas(x, w)

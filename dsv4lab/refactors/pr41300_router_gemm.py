@@ -46,7 +46,7 @@ def before(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """vLLM before #41300: Python wrapper -> ``torch.ops`` dispatcher -> C++ -> ``cublasGemmEx``."""
     from ..kernels.cuda import cublas_gemm
 
-    return cublas_gemm._op()(x, weight)
+    return cublas_gemm.gemm_op()(x, weight)
 
 
 def after(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -469,7 +469,7 @@ def run(device: str = "cpu", quick: bool = True, preset: str = "flash") -> list[
     router = shapes[0]
     try:
         recs += routing_records(256 if quick else 1024, router.n, router.k, runnable, device=str(dev),
-                                preset=preset)
+                                preset=preset, top_k=get_config(preset).num_experts_per_tok)
     except Exception as e:
         recs.append(_error("reference", preset, None, e, case="routing"))
     for shape in timed_shapes:

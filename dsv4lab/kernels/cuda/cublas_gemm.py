@@ -419,7 +419,8 @@ def build(verbose: bool = False, retry: bool = False) -> BuildInfo:
 
 
 @functools.lru_cache(maxsize=None)
-def _op():
+def gemm_op():
+    """``torch.ops.dsv4lab_cublas.gemm_bf16_bf16_fp32`` (builds the extension on first use); no Python checks."""
     build()
     return getattr(getattr(torch.ops, LIBRARY), OP_NAME)
 
@@ -427,4 +428,4 @@ def _op():
 def router_gemm_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``cublasGemmEx`` bf16 x bf16 -> fp32 [M, N] (x [M, K], weight [N, K]); builds the extension on first use."""
     check_bf16_gemm_inputs(x, weight, require_cuda=True)
-    return _op()(x, weight)
+    return gemm_op()(x, weight)
