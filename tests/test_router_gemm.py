@@ -182,6 +182,13 @@ def test_build_root_honours_torch_extensions_dir(monkeypatch: pytest.MonkeyPatch
     assert cg.build_root() == Path.home() / ".cache" / "dsv4lab" / "torch_extensions"
 
 
+def test_build_root_falls_back_to_temp_when_not_writable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cg.os, "access", lambda path, mode: False)
+    root = cg.build_root()
+    assert root.parent == Path(tempfile.gettempdir()) and "dsv4lab" in root.name
+
+
 def _fake_toolchain() -> cg.Toolchain:
     return cg.Toolchain(nvcc="/opt/cuda/bin/nvcc", cuda_home="/opt/cuda",
                         include_dirs=("/opt/cuda/include", "/wheels/nvidia/cu13/include"),

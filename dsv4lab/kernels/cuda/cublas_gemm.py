@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +136,17 @@ class BuildInfo:
 
 # ---- locating the toolchain -----------------------------------------------------------------------
 def build_root() -> Path:
-    """``$TORCH_EXTENSIONS_DIR/dsv4lab`` if set, else ``~/.cache/dsv4lab/torch_extensions``."""
+    """``$TORCH_EXTENSIONS_DIR/dsv4lab`` if set, else ``~/.cache/dsv4lab/torch_extensions``; a temp folder if
+    that cannot be created or written (a read-only home must not cost the build)."""
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    return Path(env) / "dsv4lab" if env else Path.home() / ".cache" / "dsv4lab" / "torch_extensions"
+    root = Path(env) / "dsv4lab" if env else Path.home() / ".cache" / "dsv4lab" / "torch_extensions"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"dsv4lab_torch_extensions_{os.getuid()}"
 
 
 def _cuda_home_candidates() -> list[Path]:
