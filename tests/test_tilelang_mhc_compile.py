@@ -226,3 +226,15 @@ def test_hc_head_contract(case: str, exc: type, match: str) -> None:
         kw["hc_eps"] = -1e-6
     with pytest.raises(exc, match=match):
         tl_head.hc_head(residual, fn, scale, base, **kw)
+
+
+@pytest.mark.usefixtures("no_compile")
+def test_hc_head_into_checks_out() -> None:
+    residual = torch.randn(3, 4, D_TOY).to(torch.bfloat16)
+    args = (residual, torch.randn(4, 4 * D_TOY), torch.ones(1), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 256\)"):
+        tl_head.hc_head_into(*args, torch.empty(2, D_TOY, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        tl_head.hc_head_into(*args, torch.empty(3, D_TOY))
+    with pytest.raises(ValueError, match="residual: expected a CUDA tensor"):
+        tl_head.hc_head_into(*args, torch.empty(3, D_TOY, dtype=torch.bfloat16))

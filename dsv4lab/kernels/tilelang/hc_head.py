@@ -69,18 +69,17 @@ def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float):
     return common.compile_kernel(head_epilogue, arch)
 
 
-def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
-            rms_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
-    """hc_head on an SM90 GPU; same contract as ``reference.mhc.hc_head``: returns [T, D] bf16."""
+def _check(residual, fn, scale, base, rms_eps, hc_eps) -> tuple[int, int, int, float, float]:
     t, n, d = common.check_residual(residual)
     common.check_mix_params(fn, scale, base, n, d, n, 1)
-    rms_eps = chk.positive_float("rms_eps", rms_eps)
-    hc_eps = chk.positive_float("hc_eps", hc_eps)
-    common.check_cuda_layout(residual=residual, fn=fn, scale=scale, base=base)
-    dev = residual.device
-    out = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
+    return t, n, d, chk.positive_float("rms_eps", rms_eps), chk.positive_float("hc_eps", hc_eps)
+
+
+def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> None:
+    t, n, d = residual.shape
     if t == 0:
-        return out
+        return
+    dev = residual.device
     arch = common.device_arch(dev)
     splits = gemm_splits(t, n * d, dev)
     mix_part = torch.empty(splits, t, n, dtype=torch.float32, device=dev)
@@ -88,4 +87,24 @@ def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     prenorm_gemm_kernel(n * d, n, arch)(residual.view(t, n * d), fn, mix_part, sq_part)
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(dev.index or 0)))
     head_epilogue_kernel(d, arch, rms_eps, hc_eps)(mix_part, sq_part, residual, scale, base, out, tpb)
+
+
+def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+            rms_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
+    """hc_head on an SM90 GPU; same contract as ``reference.mhc.hc_head``: returns [T, D] bf16."""
+    t, n, d, rms_eps, hc_eps = _check(residual, fn, scale, base, rms_eps, hc_eps)
+    common.check_cuda_layout(residual=residual, fn=fn, scale=scale, base=base)
+    out = torch.empty(t, d, dtype=torch.bfloat16, device=residual.device)
+    _launch(residual, fn, scale, base, out, rms_eps, hc_eps)
     return out
+
+
+def hc_head_into(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                 out: torch.Tensor, *, rms_eps: float = 1e-6, hc_eps: float = 1e-6) -> None:
+    """``hc_head`` writing into a caller-allocated ``out`` [T, D] bf16: the mutating form vLLM used before
+    #43905 (``_hc_head_fused_kernel_tilelang(..., out, ...)``). Same kernels, same results."""
+    t, n, d, rms_eps, hc_eps = _check(residual, fn, scale, base, rms_eps, hc_eps)
+    chk.tensor("out", out, (torch.bfloat16,), dim=2)
+    chk.shape("out", out, (t, d))
+    common.check_cuda_layout(residual=residual, fn=fn, scale=scale, base=base, out=out)
+    _launch(residual, fn, scale, base, out, rms_eps, hc_eps)
