@@ -22,6 +22,7 @@ from torch import nn
 from ..config import DSv4Config
 from ..kernels import registry
 from . import _init
+from ._ops import OpTable
 from .attention import DSv4Attention
 from .mhc import MHC
 from .moe import MoE
@@ -49,11 +50,12 @@ class DecoderLayer(nn.Module):
         self.ffn_norm.weight = _init.frozen(_init.norm_weight(gen, cfg.hidden_size))
         self.hc_attn = MHC(cfg, seed=_init.derive_seed(seed, "layer", layer_idx, "hc_attn"), backend=backend)
         self.hc_ffn = MHC(cfg, seed=_init.derive_seed(seed, "layer", layer_idx, "hc_ffn"), backend=backend)
+        attn_backend = backend if backend in registry.backends("attention_prefill") else "reference"
         self.attn = DSv4Attention(cfg, layer_idx, seed=_init.derive_seed(seed, "layer", layer_idx, "attn"),
-                                  backend=backend, fp8_weights=fp8_weights)
+                                  backend=attn_backend, fp8_weights=fp8_weights)
         self.ffn = MoE(cfg, layer_idx, seed=_init.derive_seed(seed, "layer", layer_idx, "ffn"), backend=backend,
                        shared_fp8=fp8_weights)
-        self._rmsnorm = registry.get("rmsnorm", backend)
+        self.ops = OpTable(backend, "rmsnorm")
 
     # ---- vLLM wiring ----------------------------------------------------------------------------
     def forward_vllm(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None = None,
@@ -82,10 +84,10 @@ class DecoderLayer(nn.Module):
         """``R [T,n,D] -> R [T,n,D]``: hc_pre -> norm -> sublayer -> hc_post, twice."""
         eps = self.cfg.rms_norm_eps
         x, post, comb = self.hc_attn.pre(residual, None)
-        f = self.attn(self._rmsnorm(x, self.attn_norm.weight, eps), positions)
+        f = self.attn(self.ops["rmsnorm"](x, self.attn_norm.weight, eps), positions)
         residual = self.hc_attn.post(f, residual, post, comb)
         x, post, comb = self.hc_ffn.pre(residual, None)
-        f = self.ffn(self._rmsnorm(x, self.ffn_norm.weight, eps), input_ids)
+        f = self.ffn(self.ops["rmsnorm"](x, self.ffn_norm.weight, eps), input_ids)
         return self.hc_ffn.post(f, residual, post, comb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None = None,

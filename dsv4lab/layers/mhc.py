@@ -2,7 +2,7 @@
 
 The math lives in ``dsv4lab.kernels.reference.mhc`` (dsv4-layers.md 2); these modules hold the fp32
 parameters under their checkpoint names (``hc_attn_fn`` -> ``hc_attn.fn`` etc.) and call the registry op
-of the chosen backend.
+of the chosen backend (the reference where an op has no such backend, see ``_ops``).
 
 Initialisation (no trained weights are used): the mix logits ``m = flatten(R) @ fn.T * rho`` see a unit-RMS
 input, so ``fn ~ N(0, (0.5^2)/(nD))`` gives ``m ~ N(0, 0.25)``; ``scale ~ U(0.5, 1.5)``; ``base`` puts
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import DSv4Config
-from ..kernels import registry
 from . import _init
+from ._ops import OpTable
 
 
 def _check_streams(residual: torch.Tensor, n: int, d: int) -> None:
@@ -53,24 +53,22 @@ class MHC(nn.Module):
         self.hc_mult, self.hidden_size, self.backend = n, d, backend
         self.kwargs = dict(rms_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, post_mult=cfg.hc_post_mult,
                            sinkhorn_iters=cfg.hc_sinkhorn_iters)
-        self._pre = registry.get("mhc_pre", backend)
-        self._post = registry.get("mhc_post", backend)
-        self._fused = registry.get("mhc_fused_post_pre", backend)
+        self.ops = OpTable(backend, "mhc_pre", "mhc_post", "mhc_fused_post_pre")
 
     def pre(self, residual: torch.Tensor, norm_weight: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_streams(residual, self.hc_mult, self.hidden_size)
-        return self._pre(residual, self.fn, self.scale, self.base, norm_weight, **self.kwargs)
+        return self.ops["mhc_pre"](residual, self.fn, self.scale, self.base, norm_weight, **self.kwargs)
 
     def post(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         _check_streams(residual, self.hc_mult, self.hidden_size)
-        return self._post(f, residual, post, comb)
+        return self.ops["mhc_post"](f, residual, post, comb)
 
     def fused_post_pre(self, f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                        norm_weight: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_streams(residual, self.hc_mult, self.hidden_size)
-        return self._fused(f, residual, post, comb, self.fn, self.scale, self.base, norm_weight, **self.kwargs)
+        return self.ops["mhc_fused_post_pre"](f, residual, post, comb, self.fn, self.scale, self.base, norm_weight, **self.kwargs)
 
     def extra_repr(self) -> str:
         return f"hc_mult={self.hc_mult}, hidden_size={self.hidden_size}, backend={self.backend!r}"
@@ -90,11 +88,11 @@ class HCHead(nn.Module):
         self.fn, self.scale, self.base = _init.frozen(fn), _init.frozen(scale), _init.frozen(base)
         self.hc_mult, self.hidden_size, self.backend = n, d, backend
         self.kwargs = dict(rms_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
-        self._head = registry.get("hc_head", backend)
+        self.ops = OpTable(backend, "hc_head")
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         _check_streams(residual, self.hc_mult, self.hidden_size)
-        return self._head(residual, self.fn, self.scale, self.base, **self.kwargs)
+        return self.ops["hc_head"](residual, self.fn, self.scale, self.base, **self.kwargs)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

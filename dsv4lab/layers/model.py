@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..config import DSv4Config
-from ..kernels import registry
 from ..kernels.reference import _checks as chk
 from . import _init
+from ._ops import OpTable
+from .attention import DSv4Attention
 from .decoder import WIRINGS, DecoderLayer
 from .mhc import HCHead
 from .mtp import MTP
@@ -48,7 +49,7 @@ class Model(nn.Module):
         self.mtp = None
         if mtp and cfg.num_nextn_predict_layers:
             self.mtp = MTP(cfg, seed=_init.derive_seed(seed, "mtp"), backend=backend, fp8_weights=fp8_weights)
-        self._rmsnorm = registry.get("rmsnorm", backend)
+        self.ops = OpTable(backend, "rmsnorm")
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _check_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
@@ -90,7 +91,7 @@ class Model(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``head(RMSNorm(hc_head(R); norm))`` -> fp32 [T, V] (fp32 GEMM of the bf16 head)."""
-        h = self._rmsnorm(self.hc_head(hidden), self.norm.weight, self.cfg.rms_norm_eps)
+        h = self.ops["rmsnorm"](self.hc_head(hidden), self.norm.weight, self.cfg.rms_norm_eps)
         return h.float() @ self.head.weight.float().T
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
@@ -121,6 +122,18 @@ class Model(nn.Module):
         next_ids = torch.cat([input_ids[1:], logits[-1:].argmax(-1).to(input_ids.dtype)])
         draft, _ = self.mtp_forward(next_ids, positions, hidden, wiring=wiring)
         return logits, draft
+
+    def op_backends(self) -> dict[str, list[str]]:
+        """op -> backends its modules actually run (a requested backend an op lacks falls back to reference)."""
+        used: dict[str, set[str]] = {}
+        for module in self.modules():
+            table = getattr(module, "ops", None)
+            pairs = list(table.backends.items()) if isinstance(table, OpTable) else []
+            if isinstance(module, DSv4Attention):
+                pairs.append(("attention_prefill", module.backend))
+            for op, name in pairs:
+                used.setdefault(op, set()).add(name)
+        return {op: sorted(names) for op, names in sorted(used.items())}
 
     def extra_repr(self) -> str:
         c = self.cfg

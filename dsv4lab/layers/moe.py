@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..config import DSv4Config
-from ..kernels import registry
 from ..quant import quant_fp4
 from . import _init
+from ._ops import OpTable
 
 
 class MoE(nn.Module):
@@ -65,19 +65,18 @@ class MoE(nn.Module):
             self.shared_experts.w3 = _init.frozen(_init.linear_weight(gen, i_s, d, fp8=shared_fp8))
             self.shared_experts.w2 = _init.frozen(_init.linear_weight(gen, d, i_s, fp8=shared_fp8))
 
-        self._logits = registry.get("moe_router_logits", backend)
-        self._route = registry.get("moe_routing", backend)
-        self._experts = registry.get("moe_experts", backend)
+        self.ops = OpTable(backend, "moe_router_logits", "moe_routing", "moe_experts")
 
     def route(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights fp32 [T,k], ids int64 [T,k])`` for the tokens ``x`` (and their ids on hash layers)."""
         if self.hash_layer and input_ids is None:
             raise ValueError(f"input_ids: layer {self.layer_idx} is hash-routed and needs the token ids")
-        logits = self._logits(x, self.gate.weight)
+        logits = self.ops["moe_router_logits"](x, self.gate.weight)
         if self.hash_layer:
-            return self._route(logits, k=self.k, routed_scaling_factor=self.routed_scaling_factor,
-                               tid2eid=self.gate.tid2eid, input_ids=input_ids)
-        return self._route(logits, k=self.k, routed_scaling_factor=self.routed_scaling_factor, bias=self.gate.bias)
+            return self.ops["moe_routing"](logits, k=self.k, routed_scaling_factor=self.routed_scaling_factor,
+                                           tid2eid=self.gate.tid2eid, input_ids=input_ids)
+        return self.ops["moe_routing"](logits, k=self.k, routed_scaling_factor=self.routed_scaling_factor,
+                                       bias=self.gate.bias)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         weights, ids = self.route(x, input_ids)
@@ -85,8 +84,8 @@ class MoE(nn.Module):
         shared = None
         if self.shared_experts is not None:
             shared = (self.shared_experts.w1, self.shared_experts.w3, self.shared_experts.w2)
-        return self._experts(x, weights, ids, ex.w1, ex.w1_scale, ex.w3, ex.w3_scale, ex.w2, ex.w2_scale,
-                             swiglu_limit=self.swiglu_limit, shared=shared)
+        return self.ops["moe_experts"](x, weights, ids, ex.w1, ex.w1_scale, ex.w3, ex.w3_scale, ex.w2, ex.w2_scale,
+                                       swiglu_limit=self.swiglu_limit, shared=shared)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, routing={'hash' if self.hash_layer else 'bias'}, k={self.k}, "

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..config import DSv4Config
-from ..kernels import registry
 from . import _init
+from ._ops import OpTable
 from .decoder import WIRINGS, DecoderLayer
 from .mhc import HCHead
 
@@ -48,8 +48,7 @@ class MTP(nn.Module):
         self.block = DecoderLayer(cfg, self.layer_idx, seed=_init.derive_seed(seed, "mtp", "block"),
                                   backend=backend, fp8_weights=fp8_weights)
         self.hc_head = HCHead(cfg, seed=_init.derive_seed(seed, "mtp", "hc_head"), backend=backend)
-        self._input_norm = registry.get("mtp_input_rmsnorm", backend)
-        self._head_norm = registry.get("mtp_shared_head_rmsnorm", backend)
+        self.ops = OpTable(backend, "mtp_input_rmsnorm", "mtp_shared_head_rmsnorm")
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, prev: torch.Tensor, *,
                 input_ids: torch.Tensor | None = None, wiring: str = "vllm") -> torch.Tensor:
@@ -58,7 +57,7 @@ class MTP(nn.Module):
         if wiring not in WIRINGS:
             raise ValueError(f"wiring: expected one of {WIRINGS}, got {wiring!r}")
         eps = self.cfg.rms_norm_eps
-        e, h = self._input_norm(embeds, positions, prev, self.enorm.weight, self.hnorm.weight, eps)
+        e, h = self.ops["mtp_input_rmsnorm"](embeds, positions, prev, self.enorm.weight, self.hnorm.weight, eps)
         residual = _bf16_linear(h, self.h_proj.weight) + _bf16_linear(e, self.e_proj.weight).unsqueeze(1)
         if wiring == "vllm":
             f, residual, post, comb = self.block(positions, residual, input_ids=input_ids, wiring="vllm")
@@ -71,7 +70,7 @@ class MTP(nn.Module):
         """Draft logits fp32 [T, V] from the flat MTP residual [T, nD] and the model's LM head [V, D]."""
         n, d = self.cfg.hc_mult, self.cfg.hidden_size
         h = self.hc_head(hidden.view(hidden.shape[0], n, d))
-        h = self._head_norm(h, self.norm.weight, self.cfg.rms_norm_eps)
+        h = self.ops["mtp_shared_head_rmsnorm"](h, self.norm.weight, self.cfg.rms_norm_eps)
         return h.float() @ head_weight.float().T
 
     def extra_repr(self) -> str:
