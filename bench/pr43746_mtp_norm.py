@@ -1,0 +1,79 @@
+"""H100 benchmark of vLLM #43746 part 1: fused Triton MTP-input RMSNorm and shared-head RMSNorm.
+
+    python bench/pr43746_mtp_norm.py --out $OUT            # records -> $OUT/pr43746_mtp_norm.jsonl
+
+For D in {4096 (Flash), 7168 (Pro)}, hc_mult 4, bf16, T in {1, 2, 4, ..., 256, 1024, 4096, 8192, 16384} with
+positions of packed 128-token sequences (0 at every 128th token): every variant of
+``dsv4lab.refactors.pr43746_mtp_norm`` (before_eager, before_compiled, before_kernel_norms, after,
+after_two_rounding) gets numerics vs a float64 oracle and vs before_eager (ulp histograms, bitwise flags, masked
+rows exactly zero), CUDA-graph replay time (L2 flushed) and eager time (CUDA events, launches included),
+% of the measured copy bandwidth, kernels per call at T in {1, 8192}, and the compile time of before_compiled
+(first call after torch._dynamo.reset(), token dim dynamic; T = 1 recompiles once). The targets
+(after >= 85 % of copy bandwidth at T >= 4096; >= 3x faster than before_eager in eager mode at T <= 64; never
+slower than before_compiled) are recorded as ``target_met`` records, never asserted.
+
+Records are appended as each case finishes, so a crash keeps what was measured. Peaks: ``data/results/<gpu>/
+peaks.jsonl`` if present, else measured here (and written to ``$OUT/peaks.jsonl``). Total < 120 s: a time
+budget (``--budget`` for measurement, ``--deadline`` for the whole sweep) cuts the remaining cases (recorded
+as 'unavailable') if anything runs long.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for pr43746_mtp_norm.jsonl (and peaks.jsonl)")
+    ap.add_argument("--budget", type=float, default=70.0,
+                    help="seconds of measurement (compilation excluded), split over the two D")
+    ap.add_argument("--deadline", type=float, default=100.0, help="hard cap in seconds for the whole sweep")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the token list")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+
+    import torch
+
+    from dsv4lab.lab import results, roofline
+    from dsv4lab.refactors import pr43746_mtp_norm as exp
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (torch.cuda.is_available() is False); the CPU path is `dsv4lab compare`")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{exp.EXPERIMENT}.jsonl"
+    print(f"{exp.TITLE}\n{torch.cuda.get_device_name()} | torch {torch.__version__} | records -> {path}")
+
+    peaks = None
+    try:
+        peaks = roofline.load_peaks()
+        if peaks is None:
+            peaks = roofline.measure_peaks()
+            results.append(out / "peaks.jsonl", peaks.to_records())
+        print(peaks.summary(), f"({peaks.source})")
+    except Exception as e:  # no % of peak then, but every other number still comes
+        print(f"peaks unavailable ({type(e).__name__}: {e}); times are recorded without % of peak")
+        results.append(path, results.record(exp.EXPERIMENT, "peaks", "torch", "measure", None, None, None,
+                                            "error", None, None, message=f"{type(e).__name__}: {e}"))
+
+    counts = {"records": 0}
+
+    def sink(batch: list[dict]) -> None:
+        if batch:
+            counts["records"] += results.append(path, batch)
+
+    recs = exp.sweep("cuda", peaks=peaks, tokens=args.tokens or exp.GPU_TOKENS, budget_s=args.budget,
+                     deadline_s=args.deadline, on_records=sink)
+    print("\n".join(exp.summary_lines(recs)))
+    print(f"\n{counts['records']} records -> {path}; total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
