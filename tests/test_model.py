@@ -47,7 +47,8 @@ def test_deterministic_from_seed() -> None:
     assert not torch.equal(sa["layers.0.hc_attn.fn"], sc["layers.0.hc_attn.fn"])
     # routed experts are stored as MXFP4 under checkpoint-like names
     assert sa["layers.0.ffn.experts.w1"].dtype == torch.uint8
-    assert sa["layers.0.ffn.experts.w1"].shape == (CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.hidden_size // 2)
+    e, i, d = CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.hidden_size
+    assert sa["layers.0.ffn.experts.w1"].shape == (e, i, d // 2)
     assert "layers.0.ffn.gate.tid2eid" in sa    # layer 0 is hash-routed
 
 
@@ -144,8 +145,9 @@ def test_backend_resolution_falls_back_per_op() -> None:
     assert all(names == ["reference"] for names in ref.op_backends().values())
     with pytest.raises(ValueError, match="backend"):
         Model(CFG, num_layers=1, backend="cutlass")
-    if not registry.availability("mtp_input_rmsnorm", "triton")[0]:
-        pytest.skip("triton MTP norm kernels cannot run here: " + registry.availability("mtp_input_rmsnorm", "triton")[1])
+    ok, why = registry.availability("mtp_input_rmsnorm", "triton")
+    if not ok:
+        pytest.skip(f"triton MTP norm kernels cannot run here: {why}")
     tri = Model(CFG, seed=0, backend="triton")
     used = tri.op_backends()
     assert used["mtp_input_rmsnorm"] == ["triton"] and used["mtp_shared_head_rmsnorm"] == ["triton"]

@@ -68,7 +68,8 @@ class MHC(nn.Module):
                        norm_weight: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_streams(residual, self.hc_mult, self.hidden_size)
-        return self.ops["mhc_fused_post_pre"](f, residual, post, comb, self.fn, self.scale, self.base, norm_weight, **self.kwargs)
+        return self.ops["mhc_fused_post_pre"](f, residual, post, comb, self.fn, self.scale, self.base, norm_weight,
+                                              **self.kwargs)
 
     def extra_repr(self) -> str:
         return f"hc_mult={self.hc_mult}, hidden_size={self.hidden_size}, backend={self.backend!r}"
