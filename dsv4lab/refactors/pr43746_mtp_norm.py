@@ -123,6 +123,7 @@ def head_before_eager(h: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) 
 
 
 def head_before_compiled(h, weight, eps=1e-6):
+    """``head_before_eager`` under ``torch.compile(fullgraph=True)`` (Inductor: one fused kernel expected)."""
     return _compiled("mtp_shared_head_rmsnorm")(h, weight, eps)
 
 
@@ -134,6 +135,7 @@ def head_after(h, weight, eps=1e-6):
 
 
 def head_after_two_rounding(h, weight, eps=1e-6):
+    """mtp_shared_head_rmsnorm computing the eager rounding (separates fusion from rounding)."""
     from ..kernels.triton.mtp_norm import mtp_shared_head_rmsnorm
 
     return mtp_shared_head_rmsnorm(h, weight, eps, two_rounding=True)
