@@ -171,3 +171,38 @@ def test_registry_backends_share_the_reference_signature():
     q, s = registry.get("inv_rope_fp8_quant", "triton")(o, pos, cache())
     q_ref, s_ref = registry.get("inv_rope_fp8_quant", "reference")(o, pos, cache())
     assert torch.equal(as_bytes(q), as_bytes(q_ref)) and torch.equal(s, s_ref)
+
+
+_AOT_SCRIPT = r"""
+import os, re
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from dsv4lab.kernels.triton import inv_rope_fp8_quant as K
+sig = {"o_ptr": "*bf16", "pos_ptr": "*i64", "cs_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+       "stride_ot": "i32", "stride_oh": "i32", "n_chunks": "i32",
+       "HEAD_DIM": "constexpr", "ROPE_DIM": "constexpr", "CHUNKS": "constexpr", "AMAX_FLOOR": "constexpr"}
+src = triton.compiler.ASTSource(fn=K._inv_rope_fp8_quant_kernel, signature=sig,
+                                constexprs={"HEAD_DIM": 512, "ROPE_DIM": 64, "CHUNKS": 16, "AMAX_FLOOR": 1e-10})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(K.LAUNCH_OPTIONS)).asm["ptx"]
+print(len(re.findall(r"\bfma\.", ptx)), len(re.findall(r"\bdiv\.", ptx)), len(re.findall(r"\.ftz", ptx)),
+      " ".join(sorted(set(re.findall(r"cvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx)))))
+"""
+
+
+def test_sm90_build_has_no_fma_division_or_ftz():
+    """GPU bitwise agreement rests on the compiled kernel rounding like torch: no fused multiply-add in the rotation,
+    no (approximate) division, no flush-to-zero, and the exact value cast with round-to-nearest. Checked on the
+    sm_90a PTX compiled ahead of time (no GPU needed; ptxas ships with triton)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0 and "CUDA" in proc.stderr and "backend" in proc.stderr.lower():
+        pytest.skip(f"triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fma, div, ftz, cvt = proc.stdout.split(maxsplit=3)
+    assert (int(fma), int(div), int(ftz)) == (0, 0, 0)
+    assert cvt.strip() == "cvt.rn.satfinite.e4m3x2.f32"

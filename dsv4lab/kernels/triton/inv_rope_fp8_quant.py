@@ -25,6 +25,8 @@ import triton.language as tl
 from ..reference.attn_out import ATTN_OUT_AMAX_FLOOR, QUANT_BLOCK, check_inv_rope_args
 
 _MAX_CHUNKS_PER_PROGRAM = 16   # 16 x 128 elements = 4 KiB of bf16 per program on the GPU
+# no FMA contraction: torch rounds e*c and o*s before adding them (tests AOT-compile with these to sm_90a)
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -101,6 +103,5 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     grid = (t, triton.cdiv(n_chunks, chunks))
     _inv_rope_fp8_quant_kernel[grid](
         o, positions, cos_sin_cache, q, scale, o.stride(0), o.stride(1), n_chunks,
-        HEAD_DIM=d, ROPE_DIM=rope_dim, CHUNKS=chunks, AMAX_FLOOR=ATTN_OUT_AMAX_FLOOR,
-        num_warps=4, enable_fp_fusion=False)
+        HEAD_DIM=d, ROPE_DIM=rope_dim, CHUNKS=chunks, AMAX_FLOOR=ATTN_OUT_AMAX_FLOOR, **LAUNCH_OPTIONS)
     return q, scale
