@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -30,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for pr43746_mtp_norm.jsonl (and peaks.jsonl)")
-    ap.add_argument("--budget", type=float, default=70.0,
+    ap.add_argument("--budget", type=float, default=60.0,
                     help="seconds of measurement (compilation excluded), split over the two D")
-    ap.add_argument("--deadline", type=float, default=100.0, help="hard cap in seconds for the whole sweep")
+    ap.add_argument("--deadline", type=float, default=95.0, help="hard cap in seconds for the whole sweep")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the token list")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -68,11 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         if batch:
             counts["records"] += results.append(path, batch)
 
-    recs = exp.sweep("cuda", peaks=peaks, tokens=args.tokens or exp.GPU_TOKENS, budget_s=args.budget,
-                     deadline_s=args.deadline, on_records=sink)
-    print("\n".join(exp.summary_lines(recs)))
+    rc = 0
+    try:
+        recs = exp.sweep("cuda", peaks=peaks, tokens=args.tokens or exp.GPU_TOKENS, budget_s=args.budget,
+                         deadline_s=args.deadline, on_records=sink)
+    except Exception:  # the records of finished cases are already on disk
+        traceback.print_exc()
+        recs, rc = results.read_records(path) if path.exists() else [], 1
+    try:
+        print("\n".join(exp.summary_lines(recs)))
+    except Exception:
+        traceback.print_exc()
     print(f"\n{counts['records']} records -> {path}; total {time.perf_counter() - t_start:.0f} s")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -292,8 +292,12 @@ def timing_records(op: str, fn: Callable[..., Any], args: tuple, *, preset: str 
     recs = []
     call = lambda: fn(*args, eps)  # noqa: E731
     for mode in (modes if on_gpu else ("cpu",)):
-        t = timing.bench(call, graph=mode == "graph", flush_l2=mode == "graph", warmup=warmup, rep=rep,
-                         device=args[0].device)
+        try:
+            t = timing.bench(call, graph=mode == "graph", flush_l2=mode == "graph", warmup=warmup, rep=rep,
+                             device=args[0].device)
+        except Exception as e:  # e.g. a capture failure: record it, still try the other mode
+            recs.append({**_error(op, variant, e, preset=preset, T=T, dtype=args[0].dtype, D=D, n=n), "mode": mode})
+            continue
         extra: dict[str, Any] = {"mode": mode}
         if peaks is not None:
             extra["roofline_us"] = cost.bytes / peaks.copy_bw * 1e6
