@@ -18,6 +18,8 @@ Bitwise agreement with torch on CPU (interpreter) and GPU rests on three choices
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -89,10 +91,12 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     """Triton backend of ``inv_rope_fp8_quant``: o [T, H, d] -> (e4m3 [T, H*d], fp32 scales [T, H*d/128]).
 
     Input contract: ``check_inv_rope_args`` (o bf16/fp16/fp32 with a contiguous last axis, d % 128 == 0; o may be a
-    head slice of a padded buffer; positions [T] int; cos_sin_cache fp32 contiguous [P, rope_dim <= 128]).
-    Positions are range-checked on CPU only.
+    head slice of a padded buffer; positions [T] int; cos_sin_cache fp32 contiguous [P, rope_dim <= 128]; CUDA
+    tensors unless running under the interpreter). Positions are range-checked on CPU only.
     """
     rope_dim = check_inv_rope_args(o, positions, cos_sin_cache)
+    if o.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"o: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {o.device}")
     t, h, d = o.shape
     n_chunks = h * d // QUANT_BLOCK
     q = torch.empty((t, h * d), dtype=torch.float8_e4m3fn, device=o.device)
