@@ -318,7 +318,7 @@ def plan_layer(ck: Checkpoint, cfg: DSv4Config, layer: int | str, experts: Itera
             continue
         problems += _check_entry(full, entry, spec)
         plan[rel] = (entry, spec)
-    for file in sorted({e.file for e, _ in plan.values()}):
+    for file in sorted({e.file for e, _ in plan.values()}):   # safe_open refuses a short file as a whole
         h = ck.header(file)
         if h.truncated:
             problems.append(f"shard {file} is truncated: {h.file_size} bytes, its header needs {h.data_end}")
@@ -366,8 +366,9 @@ def dequantize_fp8_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     ``[ceil(out/128), ceil(in/128)]``). Exact in bf16 for e4m3 values times powers of two."""
     out, inp = q.shape
     br, bc = FP8_BLOCK
-    if tuple(scale.shape) != (-(-out // br), -(-inp // bc)):
-        raise ValueError(f"scale: expected [{-(-out // br)}, {-(-inp // bc)}] for weight {list(q.shape)}, got {list(scale.shape)}")
+    want = (-(-out // br), -(-inp // bc))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"scale: expected {list(want)} for weight {list(q.shape)}, got {list(scale.shape)}")
     if out % br == 0 and inp % bc == 0:
         return dequant_fp8(q, scale, FP8_BLOCK, dtype=dtype)
     s = ue8m0_to_float(scale) if scale.dtype != torch.float32 else scale
@@ -382,7 +383,7 @@ def dequantize_fp4_weight(packed: torch.Tensor, scale: torch.Tensor, dtype: torc
 
 
 def dequantize_layer(raw: dict[str, torch.Tensor], specs: dict[str, sizing.Tensor],
-               dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Fold every ``X.weight`` + ``X.scale`` pair (fp8 128x128 or packed fp4 1x32) into one ``X.weight`` of
     ``dtype``; other tensors are passed through as stored."""
     out = {}
@@ -492,6 +493,42 @@ def _to_module_dtype(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.T
     return out
 
 
+def _match_module(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor], kind: str, prefix: str
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """(destination view, source in the destination dtype) pairs, and every mismatch found both ways."""
+    copies, problems, seen, experts_done = [], [], set(), {}
+    for name, src in tensors.items():
+        attr, expert = module_attribute(name, kind)
+        full = prefix + name
+        if attr not in own:
+            problems.append(f"checkpoint tensor {full!r}: the module has no parameter/buffer {attr!r}")
+            continue
+        seen.add(attr)
+        dst = own[attr]
+        if expert is not None:
+            if expert >= dst.shape[0]:
+                problems.append(f"checkpoint tensor {full!r}: module {attr!r} {list(dst.shape)} has no expert {expert}")
+                continue
+            dst = dst[expert]
+            experts_done.setdefault(attr, set()).add(expert)
+        if tuple(dst.shape) != tuple(src.shape):
+            where = attr if expert is None else f"{attr}[{expert}]"
+            problems.append(f"checkpoint tensor {full!r} {list(src.shape)} -> module {where!r} {list(dst.shape)}")
+            continue
+        try:
+            copies.append((dst, _to_module_dtype(full, src, dst)))
+        except ValueError as e:
+            problems.append(str(e))
+    group = prefix.rstrip(".") or "top"
+    for attr, t in own.items():
+        if attr not in seen:
+            problems.append(f"module tensor {attr!r} has no checkpoint tensor in {group}")
+        elif attr in experts_done and experts_done[attr] != set(range(t.shape[0])):
+            missing = sorted(set(range(t.shape[0])) - experts_done[attr])
+            problems.append(f"module buffer {attr!r}: experts {missing} are not in the checkpoint layer {group}")
+    return copies, problems
+
+
 def load_into(module: torch.nn.Module, path: str | os.PathLike | Checkpoint, layer: int | str | None = None, *,
               strict: bool = True) -> torch.nn.Module:
     """Copy one checkpoint layer into a ``dsv4lab.layers`` module: a ``DecoderLayer`` (layer defaults to its
@@ -505,39 +542,17 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike | Checkpoint, lay
     ck = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     raw = load_layer(ck, layer, dequantize=False, cfg=cfg, strict=strict)
     prefix = layer_prefix(layer, cfg)
-    specs = expected_tensors(cfg, prefix)
-    fp8 = {n for n, s in specs.items() if s.dtype == "fp8"}
-    tensors = {n: (dequantize_fp8_weight(t, raw[n[: -len(".weight")] + ".scale"], torch.float32) if n in fp8 else t)
-               for n, t in raw.items() if not (n.endswith(".scale") and n[: -len(".scale")] + ".weight" in fp8)}
+    fp8 = {n for n, s in expected_tensors(cfg, prefix).items() if s.dtype == "fp8"}
+    tensors = {}     # fp8 folded to fp32 (exact; the module dtype cast below checks it stays exact), rest as stored
+    for name, t in raw.items():
+        if name in fp8:
+            tensors[name] = dequantize_fp8_weight(t, raw[name[: -len(".weight")] + ".scale"], torch.float32)
+        elif not (name.endswith(".scale") and name[: -len(".scale")] + ".weight" in fp8):
+            tensors[name] = t
     own = dict(target.named_parameters()) | dict(target.named_buffers())
     if kind == "top":      # a Model's top level: not its layers / MTP
         own = {k: v for k, v in own.items() if not k.startswith(("layers.", "mtp."))}
-    problems, copies, covered, seen = [], [], {}, set()
-    for name, src in tensors.items():
-        attr, expert = module_attribute(name, kind)
-        dst = own.get(attr)
-        full = prefix + name
-        if dst is None:
-            problems.append(f"checkpoint tensor {full!r}: the module has no parameter/buffer {attr!r}")
-            continue
-        seen.add(attr)
-        view = dst[expert] if expert is not None and expert < dst.shape[0] else (None if expert is not None else dst)
-        if view is None or tuple(view.shape) != tuple(src.shape):
-            got = list(view.shape) if view is not None else f"{list(dst.shape)} (expert {expert} out of range)"
-            problems.append(f"checkpoint tensor {full!r} {list(src.shape)} -> module {attr!r}{'' if expert is None else f'[{expert}]'} {got}")
-            continue
-        try:
-            copies.append((view, _to_module_dtype(full, src, view)))
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        covered.setdefault(attr, set()).add(expert)
-    for attr, t in own.items():
-        ids = covered.get(attr, set())
-        if ids and None not in ids and ids != set(range(t.shape[0])):      # a stacked per-expert buffer
-            problems.append(f"module buffer {attr!r}: experts {sorted(set(range(t.shape[0])) - ids)} not in the checkpoint layer")
-        elif attr not in seen:
-            problems.append(f"module tensor {attr!r} has no checkpoint tensor in {prefix.rstrip('.') or 'top'}")
+    copies, problems = _match_module(tensors, own, kind, prefix)
     _raise(problems, f"load_into {type(module).__name__} from {ck.root}, layer {prefix.rstrip('.') or 'top'}")
     with torch.no_grad():
         for dst, src in copies:
@@ -636,8 +651,9 @@ def format_inspect(path: str | os.PathLike, layer: int | str | None = None, *, e
                 rows.append((e.name[len(prefix):], str(list(e.shape)), e.dtype, e.nbytes, os.path.basename(e.file)))
         for (rest, shape, dtype), members in collapsed.items():
             files = {os.path.basename(e.file) for _, e in members}
+            shard = files.pop() if len(files) == 1 else f"{len(files)} shards"
             rows.append((f"ffn.experts.{_ranges([i for i, _ in members])}.{rest}  x{len(members)}", str(list(shape)),
-                         dtype, sum(e.nbytes for _, e in members), files.pop() if len(files) == 1 else f"{len(files)} shards"))
+                         dtype, sum(e.nbytes for _, e in members), shard))
         by_dtype: dict[str, int] = {}
         for e in entries:
             by_dtype[e.dtype] = by_dtype.get(e.dtype, 0) + e.nbytes

@@ -10,7 +10,7 @@ import torch
 
 from dsv4lab import checkpoint as ck
 from dsv4lab.config import get_config
-from dsv4lab.quant import dequant_fp4, dequant_fp8, quant_fp8, ue8m0_to_float
+from dsv4lab.quant import dequant_fp4, dequant_fp8, quant_fp8
 
 CFG = get_config("toy")
 LAYERS = [0, 1, 2, "mtp", "top"]          # window+hash, CSA+hash, HCA+bias, MTP block, top level
@@ -107,6 +107,45 @@ def test_flash_expected_table_matches_observed_shard_headers():
                    "ffn.experts.0.w1.scale": ("F8_E8M0", (2048, 128)), "ffn.gate.weight": ("BF16", (256, 4096)),
                    "ffn.gate.tid2eid": ("I64", (129280, 6))}
     assert sum(n.startswith("ffn.experts.") for n in t) == 256 * 6 and "ffn.experts.255.w2.scale" in t
+
+
+def test_flash_table_reproduces_the_published_weight_listing():
+    # A public weight report of DeepSeek-V4-Flash (46 shards) lists 69,187 tensors, 158,069,433,298 elements and
+    # 148.65 GiB, plus per-name rows; the expected table must reproduce all three totals and the rows below.
+    cfg = get_config("flash")
+    groups = [""] + [f"layers.{i}." for i in range(cfg.num_hidden_layers)] + ["mtp.0."]
+    tables = {g: ck.expected_tensors(cfg, g) for g in groups}
+    assert sum(len(t) for t in tables.values()) == 69187
+    assert sum(x.numel for t in tables.values() for x in t.values()) == 158_069_433_298
+    assert round(sum(x.nbytes for t in tables.values() for x in t.values()) / 2 ** 30, 2) == 148.65
+    rows = {  # (group, name): (shape, tag) copied from the listing
+        ("layers.2.", "attn.compressor.ape"): ((4, 1024), "F32"), ("layers.3.", "attn.compressor.ape"): ((128, 512), "F32"),
+        ("layers.2.", "attn.indexer.wq_b.scale"): ((64, 8), "F8_E8M0"), ("layers.2.", "attn.indexer.compressor.ape"): ((4, 256), "F32"),
+        ("layers.3.", "attn.compressor.norm.weight"): ((512,), "BF16"), ("layers.0.", "attn.wq_b.scale"): ((256, 8), "F8_E8M0"),
+        ("layers.5.", "ffn.experts.255.w2.weight"): ((4096, 1024), "I8"), ("layers.5.", "ffn.experts.0.w2.scale"): ((4096, 64), "F8_E8M0"),
+        ("layers.3.", "ffn.gate.bias"): ((256,), "F32"), ("layers.0.", "attn.attn_sink"): ((64,), "F32"),
+        ("layers.1.", "ffn.shared_experts.w2.scale"): ((32, 16), "F8_E8M0"), ("mtp.0.", "e_proj.scale"): ((32, 32), "F8_E8M0"),
+        ("mtp.0.", "hc_head_fn"): ((4, 16384), "F32"), ("", "hc_head_scale"): ((1,), "F32"), ("", "embed.weight"): ((129280, 4096), "BF16"),
+    }
+    for (g, name), (shape, tag) in rows.items():
+        t = tables[g][name]
+        assert (tuple(t.shape), ck.PREFERRED_TAG[t.dtype]) == (shape, tag), g + name
+    assert "ffn.gate.tid2eid" in tables["layers.2."] and "ffn.gate.bias" in tables["layers.3."]   # 3 hash layers
+    assert not any("compressor" in n for n in tables["layers.1."]) and not any("indexer" in n for n in tables["mtp.0."])
+
+
+def test_without_config_json(written, tmp_path, capsys):
+    # inspect works without a config (no checks); loading needs one (or cfg=)
+    single = written[2]
+    os.makedirs(tmp_path / "bare")
+    bare = str(tmp_path / "bare" / "model.safetensors")
+    with open(single, "rb") as src, open(bare, "wb") as dst:
+        dst.write(src.read())
+    assert ck.main_inspect(bare, layer="top") == 0
+    assert "config: none" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no config.json"):
+        ck.load_layer(bare, 0)
+    assert torch.equal(ck.load_layer(bare, 0, cfg=CFG)["ffn.gate.weight"], written[0]["layers.0.ffn.gate.weight"])
 
 
 def test_layer_selectors():
