@@ -29,6 +29,7 @@ from ..reference.attn_out import ATTN_OUT_AMAX_FLOOR, QUANT_BLOCK, check_inv_rop
 _MAX_CHUNKS_PER_PROGRAM = 16   # 16 x 128 elements = 4 KiB of bf16 per program on the GPU
 # no FMA contraction: torch rounds e*c and o*s before adding them (tests AOT-compile with these to sm_90a)
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     tensors unless running under the interpreter). Positions are range-checked on CPU only.
     """
     rope_dim = check_inv_rope_args(o, positions, cos_sin_cache)
-    if o.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if o.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"o: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {o.device}")
     t, h, d = o.shape
     n_chunks = h * d // QUANT_BLOCK
