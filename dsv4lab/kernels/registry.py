@@ -81,6 +81,7 @@ def capability(cap: str) -> tuple[bool, str]:
             return False, "triton is not installed (pip install 'dsv4lab[triton]')"
         if torch.cuda.is_available():
             return True, ""
+        importlib.import_module("dsv4lab.kernels.triton")  # chooses the interpreter when there is no GPU
         if os.environ.get("TRITON_INTERPRET") == "1":
             return True, "note: Triton interpreter on the CPU (correctness only, not speed)"
         return False, "no GPU and TRITON_INTERPRET is not 1"

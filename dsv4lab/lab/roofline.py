@@ -267,10 +267,10 @@ def mtp_input_rmsnorm(*, T: int, D: int, n: int = 4) -> OpCost:
     return OpCost("mtp_input_rmsnorm", 22, 4 * T * (n + 1) * D, 4 * T * (n + 1) * D)
 
 
-def mtp_shared_head_rmsnorm(*, T: int, D: int, n: int = 4) -> OpCost:
-    """Row 5 as used by the MTP layer: its own hc_head + shared-head RMSNorm before the shared LM head."""
-    c = hc_head(T=T, D=D, n=n)
-    return OpCost("mtp_shared_head_rmsnorm", 5, c.flops, c.bytes)
+def mtp_shared_head_rmsnorm(*, T: int, D: int) -> OpCost:
+    """Row 6 as the MTP shared-head kernel runs it (after hc_head): one RMSNorm of [T, D] bf16 rows plus its
+    bf16 weight. FLOPs ~4TD; bytes 4TD + 2D."""
+    return OpCost("mtp_shared_head_rmsnorm", 6, 4 * T * D, 4 * T * D + 2 * D)
 
 
 OPS: dict[str, Callable[..., OpCost]] = {f.__name__: f for f in (
