@@ -23,7 +23,13 @@ from .mhc_pre import (EPILOGUE_THREADS, MAX_TOKENS_PER_BLOCK, MIX_LANES, SPLIT_L
 
 @functools.lru_cache(maxsize=None)
 def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float):
-    """Compiled hc_head epilogue for hidden size ``d`` (n = 4). Arguments: mix_part [S, T, 4], sq_part [S, T],
+    """``head_epilogue_func`` compiled for ``arch``."""
+    return common.compile_kernel(head_epilogue_func(d, rms_eps, hc_eps), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def head_epilogue_func(d: int, rms_eps: float, hc_eps: float):
+    """TileLang prim_func of the hc_head epilogue for hidden size ``d`` (n = 4). Arguments: mix_part [S, T, 4], sq_part [S, T],
     residual [T, 4, d] bf16, scale [1], base [4], out [T, d] bf16 (out), tokens_per_block (int32 scalar)."""
     import tilelang.language as T
 
@@ -66,7 +72,7 @@ def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float):
                             + pre_s[tok, 3] * T.cast(residual[t0 + tok, 3, e], "float32"),
                             "bfloat16")
 
-    return common.compile_kernel(head_epilogue, arch)
+    return head_epilogue
 
 
 def _check(residual, fn, scale, base, rms_eps, hc_eps) -> tuple[int, int, int, float, float]:

@@ -29,7 +29,13 @@ STAGES = 3
 
 @functools.lru_cache(maxsize=None)
 def post_prenorm_gemm_kernel(d: int, arch: str, block_tokens: int = 64, stages: int = STAGES):
-    """Compiled post + split-K prenorm GEMM for hidden size ``d`` (n = 4, 24 mixes). Arguments: f [T, d] bf16,
+    """``post_prenorm_gemm_func`` compiled for ``arch``."""
+    return common.compile_kernel(post_prenorm_gemm_func(d, block_tokens, stages), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def post_prenorm_gemm_func(d: int, block_tokens: int = 64, stages: int = STAGES):
+    """TileLang prim_func of the post + split-K prenorm GEMM for hidden size ``d`` (n = 4, 24 mixes). Arguments: f [T, d] bf16,
     residual [T, 4, d] bf16, post [T, 4] fp32, comb [T, 4, 4] fp32, fn [24, 4, d] fp32 (fn viewed per stream),
     new_residual [T, 4, d] bf16 (out), mix_part [S, T, 24] (out), sq_part [S, T] (out); S divides d / 16."""
     import tilelang.language as T
@@ -107,7 +113,7 @@ def post_prenorm_gemm_kernel(d: int, arch: str, block_tokens: int = 64, stages: 
                 if t0 + i < num_tokens:
                     sq_part[split, t0 + i] = sq_sum[i]
 
-    return common.compile_kernel(post_prenorm_gemm, arch)
+    return post_prenorm_gemm
 
 
 def mhc_fused_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

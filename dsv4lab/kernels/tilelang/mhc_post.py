@@ -28,7 +28,13 @@ def block_columns(d: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def post_kernel(d: int, arch: str):
-    """Compiled mhc_post for hidden size ``d`` (n = 4). Arguments: f [T, d] bf16, residual [T, 4, d] bf16,
+    """``post_func`` compiled for ``arch``."""
+    return common.compile_kernel(post_func(d), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def post_func(d: int):
+    """TileLang prim_func of mhc_post for hidden size ``d`` (n = 4). Arguments: f [T, d] bf16, residual [T, 4, d] bf16,
     post [T, 4] fp32, comb [T, 4, 4] fp32, out [T, 4, d] bf16."""
     import tilelang.language as T
 
@@ -61,7 +67,7 @@ def post_kernel(d: int, arch: str):
                     "bfloat16")
             T.copy(o_s, out[t, :, col * bd:(col + 1) * bd])
 
-    return common.compile_kernel(mhc_post_main, arch)
+    return mhc_post_main
 
 
 def mhc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,13 @@ def padded_columns(n_mix: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def prenorm_gemm_kernel(nd: int, n_mix: int, arch: str, block_tokens: int = 64, stages: int = GEMM_STAGES):
-    """Compiled split-K prenorm GEMM for K = nd, ``n_mix`` rows of fn (24 for mhc_pre, 4 for hc_head).
+    """``prenorm_gemm_func`` compiled for ``arch``."""
+    return common.compile_kernel(prenorm_gemm_func(nd, n_mix, block_tokens, stages), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def prenorm_gemm_func(nd: int, n_mix: int, block_tokens: int = 64, stages: int = GEMM_STAGES):
+    """TileLang prim_func of the split-K prenorm GEMM for K = nd, ``n_mix`` rows of fn (24 mhc_pre, 4 hc_head).
 
     Arguments: x [T, nd] bf16, fn [n_mix, nd] fp32, mix_part [S, T, n_mix] fp32 (out), sq_part [S, T] fp32
     (out); S = n_splits must divide nd / 64.
@@ -114,7 +120,7 @@ def prenorm_gemm_kernel(nd: int, n_mix: int, arch: str, block_tokens: int = 64, 
                 if tile * block_tokens + i < num_tokens:
                     sq_part[split, tile * block_tokens + i] = sq_sum[i]
 
-    return common.compile_kernel(prenorm_gemm, arch)
+    return prenorm_gemm
 
 
 def split_reduce_macro(n_mix: int):
@@ -143,7 +149,14 @@ def split_reduce_macro(n_mix: int):
 @functools.lru_cache(maxsize=None)
 def pre_epilogue_kernel(d: int, arch: str, norm_dtype: str | None, rms_eps: float, hc_eps: float,
                         post_mult: float, sinkhorn_iters: int):
-    """Compiled mhc_pre epilogue for hidden size ``d`` (n = 4). ``norm_dtype`` None: no RMSNorm (the
+    """``pre_epilogue_func`` compiled for ``arch``."""
+    return common.compile_kernel(pre_epilogue_func(d, norm_dtype, rms_eps, hc_eps, post_mult, sinkhorn_iters), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: float, post_mult: float,
+                      sinkhorn_iters: int):
+    """TileLang prim_func of the mhc_pre epilogue for hidden size ``d`` (n = 4). ``norm_dtype`` None: no RMSNorm (the
     ``norm_weight`` argument is then ignored). Arguments: mix_part [S, T, 24], sq_part [S, T], residual
     [T, 4, d] bf16, scale [3], base [24], norm_weight [d], layer_input [T, d] bf16 (out), post [T, 4] (out),
     comb [T, 4, 4] (out), tokens_per_block (int32 scalar, <= MAX_TOKENS_PER_BLOCK)."""
@@ -251,7 +264,7 @@ def pre_epilogue_kernel(d: int, arch: str, norm_dtype: str | None, rms_eps: floa
                                 y[e] * T.rsqrt(y_ss[0] / d + rms_eps) * T.cast(norm_weight[e], "float32"),
                                 "bfloat16")
 
-    return common.compile_kernel(pre_epilogue, arch)
+    return pre_epilogue
 
 
 # ---- launcher ---------------------------------------------------------------------------------------------

@@ -1,0 +1,649 @@
+"""H100 benchmark of the TileLang mHC kernels (mhc_pre, mhc_post, mhc_fused_post_pre, hc_head) and of #43905
+(CustomOp + torch.ops -> direct calls).
+
+    python bench/pr43905_mhc_direct.py --out $OUT          # records -> $OUT/pr43905_mhc_direct.jsonl
+
+Steps; every case is recorded as it finishes, a failing case becomes an "error" record (with the message) and the
+run goes on; a time budget (``--budget``, default 140 s from the start) turns what is left into "unavailable":
+0. Warm-up, in parallel subprocesses (``--warm-job``): every TileLang kernel for Flash (D=4096) and Pro (D=7168),
+   tile_kernels' mHC kernels and torch.compile of the references; then the main process loads them (disk-cache
+   hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing.
+1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
+   (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
+   epilogue). A failure here names the broken kernel.
+2. Numerics per preset, op, T in {1, 3, 64, 1000, 4096}: lab.numerics.compare(oracle fp64, eager = fp32 reference
+   on the GPU, fused = TileLang), err_ratio bar 2; mixes (post, comb) relative to the fp32 reference (target 1e-5);
+   T = 0; determinism; eager vs CUDA-graph replay bitwise. tile_kernels too, against the oracle of ITS semantics.
+3. Timing, T in {1, 2, 4, ..., 256, 1024, 4096, 8192, 16384}: TileLang (CUDA events, L2 flushed; CUDA-graph replay
+   for T <= 256), tile_kernels (same), torch eager and torch.compile of the reference (T in TORCH_TOKENS); time,
+   GB/s and % of the measured copy bandwidth (lab.roofline minimum bytes), ratio to tile_kernels.
+4. The #43905 refactor on the GPU (``pr43905_mhc_direct.run('cuda')``): bitwise before == after, allocations per
+   call, host overhead (probes and real kernels), per layer / forward, graph replay before vs after.
+tile_kernels differences (recorded as ``tk_semantics``): its pre has no RMSNorm weight on layer_input (compared
+with our pre at norm_weight=None, timed both ways), may use DeepGEMM's TF32 prenorm GEMM (~1e-3), has no fused
+post+pre (peer = its post then its pre), and its head pads fn to 24 rows.
+``--cpu-dry-run`` runs the plumbing on a CPU: the real launchers with every kernel replaced by a torch emulation
+(tests/_mhc_emulation.py), no CUDA graphs, tile_kernels or torch.compile (numbers meaningless).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+EXPERIMENT = "pr43905_mhc_direct"
+OPS = ("mhc_pre", "mhc_post", "mhc_fused_post_pre", "hc_head")
+PRESETS = ("flash", "pro")
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192, 16384]
+TORCH_TOKENS = [1, 16, 256, 1024, 4096, 16384]
+TK_TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]   # tile_kernels may JIT per shape: fewer T
+GRAPH_MAX_T = 256
+NUMERICS_TOKENS = [1, 3, 64, 1000, 4096]
+MIX_REL_TARGET = 1e-5
+TL_CACHE = "/tmp/dsv4lab_tilelang_cache"
+RMS_EPS = HC_EPS = 1e-6
+POST_MULT, ITERS = 2.0, 20
+
+
+# ---- inputs and an independent fp64 oracle ---------------------------------------------------------------
+def make_case(preset: str, t: int, device: str, seed: int = 0) -> dict[str, Any]:
+    """Realistic magnitudes: unit-RMS streams, fn ~ N(0, 1/nD), scales ~0.5-1.5, bf16 norm weights ~1."""
+    import torch
+
+    from dsv4lab.config import get_config
+
+    d = get_config(preset).hidden_size
+    n, nd = 4, 4 * d
+    g = torch.Generator(device=device).manual_seed(seed)   # drawn on the device: T = 16384 Pro is 470M values
+    rn = lambda *s: torch.randn(*s, generator=g, device=device)   # noqa: E731
+    comb = torch.softmax(rn(t, n, n), -1)
+    return {"residual": rn(t, n, d).bfloat16(), "f": rn(t, d).bfloat16(),
+            "post": 2 * torch.rand(t, n, generator=g, device=device), "comb": comb / comb.sum(1, keepdim=True),
+            "fn": rn(24, nd) * nd ** -0.5, "scale": 0.5 + rn(3).abs(), "base": 0.5 * rn(24),
+            "norm_weight": (1 + 0.1 * rn(d)).bfloat16(), "head_fn": rn(4, nd) * nd ** -0.5,
+            "head_scale": 0.5 + rn(1).abs(), "head_base": 0.5 * rn(4)}
+
+
+def _sinkhorn64(c, iters, eps):
+    import torch
+
+    c = torch.softmax(c, -1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+def oracle_mixes64(residual, fn, scale, base):
+    """fp64 m (the 24 or 4 projections times rho) of dsv4-layers.md 2.2 / 2.7."""
+    import torch
+
+    x = residual.flatten(1).double()
+    return (x @ fn.double().T) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
+def oracle_pre64(residual, fn, scale, base, norm_weight):
+    """(layer_input, post, comb) in fp64; the collapse is rounded to bf16 where the contract rounds it."""
+    import torch
+
+    t, n, _ = residual.shape
+    m, s, b = oracle_mixes64(residual, fn, scale, base), scale.double(), base.double()
+    pre = torch.sigmoid(m[:, :n] * s[0] + b[:n]) + HC_EPS
+    post = torch.sigmoid(m[:, n:2 * n] * s[1] + b[n:2 * n]) * POST_MULT
+    comb = _sinkhorn64((m[:, 2 * n:] * s[2] + b[2 * n:]).view(t, n, n), ITERS, HC_EPS)
+    y = (pre.unsqueeze(-1) * residual.double()).sum(1).bfloat16().double()
+    if norm_weight is not None:
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + RMS_EPS) * norm_weight.double()
+    return y, post, comb
+
+
+def oracle_post64(f, residual, post, comb):
+    import torch
+
+    return post.double().unsqueeze(-1) * f.double().unsqueeze(1) + torch.einsum(
+        "tjk,tjd->tkd", comb.double(), residual.double())
+
+
+def oracle_head64(residual, fn, scale, base):
+    import torch
+
+    m = oracle_mixes64(residual, fn, scale, base)
+    pre = torch.sigmoid(m * scale.double()[0] + base.double()) + HC_EPS
+    return (pre.unsqueeze(-1) * residual.double()).sum(1)
+
+
+# ---- warm-up jobs (each in its own process; results land in the on-disk caches) -------------------------
+def warm_jobs() -> list[str]:
+    jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")]
+    return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
+
+
+def tl_kernel(preset: str, kind: str):
+    """Build (compile or load from cache) one TileLang kernel; returns the compiled kernel."""
+    from dsv4lab.config import get_config
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import hc_head, mhc_fused_post_pre, mhc_post, mhc_pre
+
+    d, arch = get_config(preset).hidden_size, common.device_arch()
+    return {"gemm24": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch),
+            "gemm4": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 4, arch),
+            "fused": lambda: mhc_fused_post_pre.post_prenorm_gemm_kernel(d, arch),
+            "pre_epi": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS),
+            "head_epi": lambda: hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS),
+            "post": lambda: mhc_post.post_kernel(d, arch)}[kind]()
+
+
+def run_warm_job(job: str) -> dict[str, Any]:
+    import torch
+
+    t0 = time.perf_counter()
+    kind, *rest = job.split(":")
+    if kind == "tl":
+        tl_kernel(rest[0], rest[1])
+    elif kind == "tk":
+        tk = TileKernelsPeer()
+        for t in (1, 4096):
+            c = make_case(rest[0], t, "cuda")
+            for op in OPS:
+                tk.call(op, c)
+        torch.cuda.synchronize()
+    elif kind == "tc":
+        fn = compiled_reference(rest[0])
+        for p in PRESETS:
+            for t in (1, 1024):
+                reference_call(fn, rest[0], make_case(p, t, "cuda"))
+        torch.cuda.synchronize()
+    return {"job": job, "seconds": time.perf_counter() - t0}
+
+
+def launch_warm_jobs(jobs: list[str], timeout: float) -> dict[str, dict]:
+    """Run the warm-up jobs in parallel subprocesses; {job: {"seconds"} or {"error"}}."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    procs = {j: subprocess.Popen([sys.executable, __file__, "--warm-job", j], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO)) for j in jobs}
+    deadline, out = time.perf_counter() + timeout, {}
+    for j, p in procs.items():
+        try:
+            so, se = p.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+            lines = [ln for ln in so.strip().splitlines() if ln.startswith("{")]
+            out[j] = json.loads(lines[-1]) if p.returncode == 0 and lines else {
+                "error": (se.strip().splitlines() or [f"exit {p.returncode}"])[-1][:400]}
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out[j] = {"error": f"warm-up job timed out after {timeout:.0f} s"}
+    return out
+
+
+# ---- the implementations under test -------------------------------------------------------------------------
+def tilelang_call(op: str, c: dict, norm: bool = True):
+    from dsv4lab.kernels.tilelang import hc_head, mhc_fused_post_pre, mhc_post, mhc_pre
+
+    w = c["norm_weight"] if norm else None
+    if op == "mhc_pre":
+        return mhc_pre.mhc_pre(c["residual"], c["fn"], c["scale"], c["base"], w)
+    if op == "mhc_post":
+        return mhc_post.mhc_post(c["f"], c["residual"], c["post"], c["comb"])
+    if op == "mhc_fused_post_pre":
+        return mhc_fused_post_pre.mhc_fused_post_pre(c["f"], c["residual"], c["post"], c["comb"], c["fn"],
+                                                     c["scale"], c["base"], w)
+    return hc_head.hc_head(c["residual"], c["head_fn"], c["head_scale"], c["head_base"])
+
+
+def reference_call(fns, op: str, c: dict, norm: bool = True):
+    """Call the reference (or a torch.compile of it: ``fns``) with the op's arguments."""
+    from dsv4lab.kernels.reference import mhc as ref
+
+    fn = fns or getattr(ref, op)
+    w = c["norm_weight"] if norm else None
+    if op == "mhc_pre":
+        return fn(c["residual"], c["fn"], c["scale"], c["base"], w)
+    if op == "mhc_post":
+        return fn(c["f"], c["residual"], c["post"], c["comb"])
+    if op == "mhc_fused_post_pre":
+        return fn(c["f"], c["residual"], c["post"], c["comb"], c["fn"], c["scale"], c["base"], w)
+    return fn(c["residual"], c["head_fn"], c["head_scale"], c["head_base"])
+
+
+def compiled_reference(op: str):
+    import torch
+
+    from dsv4lab.kernels.reference import mhc as ref
+
+    return torch.compile(getattr(ref, op), dynamic=True)
+
+
+class TileKernelsPeer:
+    """tile_kernels 2.1.0 set up to DSv4 semantics where its API allows (module docstring lists the gaps).
+    Tries its functional API (tile_kernels.modeling.mhc); ``api`` records which one was found."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.api, self.notes = None, []
+        try:
+            from tile_kernels.modeling.mhc import functional as tkf
+            from tile_kernels.modeling.mhc.ops.post import mhc_post as tk_post
+            self.pre, self.head, self.post = tkf.mhc_pre, tkf.mhc_head, tk_post
+            self.api = "tile_kernels.modeling.mhc.functional"
+        except Exception as e:
+            raise RuntimeError(f"tile_kernels functional mHC API not importable: {type(e).__name__}: {e}") from e
+        try:
+            import deep_gemm  # noqa: F401
+            self.notes.append("deep_gemm importable: its pre may run tf32_hc_prenorm_gemm (TF32)")
+        except Exception:
+            self.notes.append("no deep_gemm: tile_kernels' own prenorm GEMM")
+
+    def call(self, op: str, c: dict):
+        torch = self.torch
+        with torch.inference_mode():   # its pre takes the fused big_fuse path only without grad
+            if op == "mhc_pre":
+                x, (post, comb) = self.pre(c["residual"], c["fn"], c["scale"], c["base"], norm_eps=RMS_EPS,
+                                           post_mult_value=POST_MULT, pre_eps=HC_EPS, sinkhorn_eps=HC_EPS,
+                                           sinkhorn_repeat=ITERS)
+                return x, post.reshape(post.shape[0], -1), comb.reshape(comb.shape[0], 4, 4)
+            if op == "mhc_post":
+                return self._post(c["f"], c["residual"], c["post"], c["comb"])
+            if op == "mhc_fused_post_pre":   # no fused kernel there: its post, then its pre
+                r = self._post(c["f"], c["residual"], c["post"], c["comb"])
+                x, (post, comb) = self.pre(r, c["fn"], c["scale"], c["base"], norm_eps=RMS_EPS,
+                                           post_mult_value=POST_MULT, pre_eps=HC_EPS, sinkhorn_eps=HC_EPS,
+                                           sinkhorn_repeat=ITERS)
+                return r, x, post.reshape(post.shape[0], -1), comb.reshape(comb.shape[0], 4, 4)
+            return self.head(c["residual"], c["head_fn"], c["head_scale"], c["head_base"], norm_eps=RMS_EPS,
+                             pre_eps=HC_EPS)
+
+    def _post(self, f, residual, post, comb):
+        out = self.post(f.unsqueeze(0), residual.unsqueeze(0), post.unsqueeze(0).unsqueeze(-1), comb.unsqueeze(0))
+        return out.squeeze(0)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, out: Path, budget: float, dev: str) -> None:
+        from dsv4lab.lab import results
+
+        self.results, self.path, self.dev = results, out / f"{EXPERIMENT}.jsonl", dev
+        self.t_start, self.budget = time.perf_counter(), budget
+        self.summary: list[str] = []
+        self.times: dict[tuple, float] = {}
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.t_start)
+
+    def rec(self, op, backend, variant, preset, tokens, metric, unit, value, dtype="bfloat16", **extra) -> dict:
+        return self.results.record(EXPERIMENT, op, backend, variant, preset, tokens, dtype, metric, unit, value,
+                                   **extra)
+
+    def save(self, recs: list[dict]) -> list[dict]:
+        if recs:
+            self.results.append(self.path, recs)
+        return recs
+
+    def guarded(self, what: str, fn: Callable[[], list[dict]], op="-", backend="tilelang", preset=None, tokens=None,
+                variant="-", min_left: float = 0.0) -> list[dict]:
+        """Run one case: records on success; an 'error' record (message + last traceback line) on failure;
+        'unavailable' when the budget is spent."""
+        if self.left() < min_left:
+            return self.save([self.rec(op, backend, variant, preset, tokens, "unavailable", None, None,
+                                       reason=f"time budget ({self.budget:.0f} s) spent before: {what}")])
+        try:
+            return self.save(fn())
+        except Exception as e:
+            tb = traceback.format_exc().strip().splitlines()
+            msg = f"{type(e).__name__}: {str(e).strip()[:600]}"
+            print(f"  ERROR {what}: {msg}")
+            return self.save([self.rec(op, backend, variant, preset, tokens, "error", None, None, message=msg,
+                                       where=what, traceback_tail=tb[-6:])])
+
+
+def stage_diagnostics(R: Runner, preset: str, t: int) -> list[dict]:
+    """Each TileLang kernel alone vs fp64 of its own job (see the module docstring, step 1)."""
+    import torch
+
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import hc_head, mhc_fused_post_pre, mhc_post, mhc_pre
+
+    c = make_case(preset, t, R.dev, seed=11)
+    r, d, dev = c["residual"], c["residual"].shape[2], R.dev
+    arch, recs = common.device_arch(), []
+    x64 = r.flatten(1).double()
+
+    def rel(a, b) -> float:
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+    def add(stage: str, value: float, target: float, **extra) -> None:
+        ok = value <= target
+        recs.append(R.rec(stage, "tilelang", "stage", preset, t, "max_rel_err", "1", value, target=target,
+                          passed=ok, **extra))
+        R.summary.append(f"stage {stage:<26} {preset:<5} T={t:<5} max_rel={value:.2e} "
+                         f"(target {target:.0e}) {'ok' if ok else 'FAIL'}")
+
+    for n_mix, fn in ((24, c["fn"]), (4, c["head_fn"])):
+        for splits in sorted({1, mhc_pre.gemm_splits(t, 4 * d, r.device)}):
+            mp = torch.full((splits, t, n_mix), float("nan"), device=dev)
+            sq = torch.full((splits, t), float("nan"), device=dev)
+            mhc_pre.prenorm_gemm_kernel(4 * d, n_mix, arch)(r.view(t, -1), fn, mp, sq)
+            add(f"prenorm_gemm{n_mix}.mix", rel(mp.sum(0), x64 @ fn.double().T), 1e-5, n_splits=splits)
+            add(f"prenorm_gemm{n_mix}.sumsq", rel(sq.sum(0), x64.pow(2).sum(-1)), 1e-5, n_splits=splits)
+    # epilogue fed the exact partials (one split) -> compare with the fp32 reference given the same mixes
+    mixes = (x64 @ c["fn"].double().T).float().unsqueeze(0).contiguous()
+    sqs = x64.pow(2).sum(-1).float().unsqueeze(0).contiguous()
+    li, po, co = (torch.full((t, d), float("nan"), device=dev, dtype=torch.bfloat16),
+                  torch.full((t, 4), float("nan"), device=dev), torch.full((t, 4, 4), float("nan"), device=dev))
+    mhc_pre.run_pre_epilogue(mixes, sqs, r, c["scale"], c["base"], c["norm_weight"],
+                             (RMS_EPS, HC_EPS, POST_MULT, ITERS), li, po, co)
+    y, post64, comb64 = oracle_pre64(r, c["fn"], c["scale"], c["base"], c["norm_weight"])
+    add("pre_epilogue.post", rel(po, post64), 1e-5)
+    add("pre_epilogue.comb", rel(co, comb64), 1e-5)
+    add("pre_epilogue.layer_input", rel(li, y), 2 ** -7, note="bf16 output: a few ulps")
+    out = mhc_post.mhc_post(c["f"], r, c["post"], c["comb"])
+    add("post", rel(out, oracle_post64(c["f"], r, c["post"], c["comb"])), 2 ** -7)
+    k = mhc_fused_post_pre.post_prenorm_gemm_kernel(d, arch)
+    nr = torch.full_like(r, float("nan"))
+    mp, sq = torch.full((1, t, 24), float("nan"), device=dev), torch.full((1, t), float("nan"), device=dev)
+    k(c["f"], r, c["post"], c["comb"], c["fn"].view(24, 4, d), nr, mp, sq)
+    add("fused_gemm.new_residual_vs_post", rel(nr, out), 2 ** -7, bitwise_equal=bool(torch.equal(nr, out)))
+    nr64 = nr.flatten(1).double()
+    add("fused_gemm.mix", rel(mp.sum(0), nr64 @ c["fn"].double().T), 1e-5)
+    add("fused_gemm.sumsq", rel(sq.sum(0), nr64.pow(2).sum(-1)), 1e-5)
+    head = hc_head.hc_head(r, c["head_fn"], c["head_scale"], c["head_base"])
+    add("hc_head", rel(head, oracle_head64(r, c["head_fn"], c["head_scale"], c["head_base"])), 2 ** -7)
+    return recs
+
+
+def numerics_case(R: Runner, preset: str, op: str, t: int, impl: Callable, backend: str, norm: bool = True,
+                  semantics: str = "dsv4") -> list[dict]:
+    """compare(oracle, eager reference, fused) for every output of ``op``; mixes also vs the fp32 reference."""
+    import torch
+
+    from dsv4lab.lab import numerics
+
+    c = make_case(preset, t, R.dev, seed=100 + t)
+    w = c["norm_weight"] if norm else None
+    got, eager = impl(op, c), reference_call(None, op, c, norm=norm)
+    if op == "mhc_pre":
+        oracle, names = oracle_pre64(c["residual"], c["fn"], c["scale"], c["base"], w), ("layer_input", "post", "comb")
+    elif op == "mhc_post":
+        oracle, names, got, eager = (oracle_post64(c["f"], c["residual"], c["post"], c["comb"]),), ("residual",), (got,), (eager,)
+    elif op == "mhc_fused_post_pre":
+        nr = eager[0]   # the pre half's oracle reads the rounded new residual (the contract)
+        oracle = (oracle_post64(c["f"], c["residual"], c["post"], c["comb"]),
+                  *oracle_pre64(nr, c["fn"], c["scale"], c["base"], w))
+        names = ("new_residual", "layer_input", "post", "comb")
+    else:
+        oracle, names, got, eager = (oracle_head64(c["residual"], c["head_fn"], c["head_scale"], c["head_base"]),), ("out",), (got,), (eager,)
+    recs, fields = [], dict(experiment=EXPERIMENT, op=op, backend=backend, preset=preset, tokens=t,
+                            semantics=semantics, norm_weight=norm)
+    for name, o, e, f in zip(names, oracle, eager, got):
+        if f.shape != e.shape or f.dtype != e.dtype:
+            raise AssertionError(f"{name}: got {tuple(f.shape)} {f.dtype}, expected {tuple(e.shape)} {e.dtype}")
+        cmp = numerics.compare(o, e, f)
+        recs += cmp.to_records(variant=name, **fields)
+        line = f"num {backend:<12} {op:<19} {name:<12} {preset:<5} T={t:<5} {cmp.summary()[:110]}"
+        if f.dtype == torch.float32:
+            mrel = float((f - e).abs().max() / e.abs().max().clamp_min(1e-30)) if f.numel() else 0.0
+            recs.append(R.rec(op, backend, name, preset, t, "mix_rel_err_vs_fp32_ref", "1", mrel, dtype="float32",
+                              target=MIX_REL_TARGET, passed=mrel <= MIX_REL_TARGET, semantics=semantics))
+            line += f" | vs fp32 ref {mrel:.1e}"
+        R.summary.append(line)
+    return recs
+
+
+def graph_and_determinism(R: Runner, preset: str, op: str, t: int) -> list[dict]:
+    """Two eager calls and one CUDA-graph replay of the TileLang op: all bitwise equal (no atomics anywhere)."""
+    import torch
+
+    c = make_case(preset, t, "cuda", seed=7)
+    as_tuple = lambda x: x if isinstance(x, tuple) else (x,)   # noqa: E731
+    a, b = as_tuple(tilelang_call(op, c)), as_tuple(tilelang_call(op, c))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        tilelang_call(op, c)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = as_tuple(tilelang_call(op, c))
+    g.replay()
+    torch.cuda.synchronize()
+    det = all(torch.equal(x, y) for x, y in zip(a, b))
+    gr = all(torch.equal(x, y) for x, y in zip(a, static))
+    R.summary.append(f"bitwise {op:<19} {preset:<5} T={t:<5} eager==eager {det}  eager==graph {gr}")
+    return [R.rec(op, "tilelang", "eager_vs_eager", preset, t, "bitwise_equal", "bool", det),
+            R.rec(op, "tilelang", "eager_vs_graph", preset, t, "bitwise_equal", "bool", gr)]
+
+
+def empty_tokens(R: Runner, preset: str) -> list[dict]:
+    recs = []
+    c = make_case(preset, 0, R.dev)
+    for op in OPS:
+        outs = tilelang_call(op, c)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        ok = all(o.shape[0] == 0 for o in outs)
+        recs.append(R.rec(op, "tilelang", "T=0", preset, 0, "empty_outputs", "bool", ok,
+                          shapes=[list(o.shape) for o in outs]))
+    return recs
+
+
+def time_case(R: Runner, preset: str, op: str, t: int, backend: str, fn: Callable, peaks, graph: bool,
+              **extra) -> list[dict]:
+    from dsv4lab.config import get_config
+    from dsv4lab.lab import roofline, timing
+
+    d = get_config(preset).hidden_size
+    cost = roofline.cost(op, T=t, D=d)
+    tm = timing.bench(fn, graph=graph, flush_l2=True, warmup=3, rep=20)
+    rec = tm.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op=op, backend=backend,
+                       variant="graph" if graph else "eager", preset=preset, tokens=t, dtype="bfloat16",
+                       gb_per_s=cost.bytes / (tm.p50 * 1e-6) / 1e9, **extra)
+    R.times[(preset, op, t, backend, rec["variant"], extra.get("norm_weight", True))] = tm.p50
+    return [rec]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="folder for pr43905_mhc_direct.jsonl (and peaks.jsonl)")
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds from the start; the rest is skipped")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the timing T list")
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--warm-job", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-warm", action="store_true", help="skip the parallel warm-up (compile in-process)")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="exercise the plumbing on a CPU: the reference stands in for TileLang, tiny T")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TILELANG_CACHE_DIR", TL_CACHE)
+    if args.warm_job:
+        print(json.dumps(run_warm_job(args.warm_job)))
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+
+    import torch
+    from tqdm import tqdm
+
+    from dsv4lab.lab import results, roofline
+    from dsv4lab.refactors import pr43905_mhc_direct as refactor
+
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
+        print("needs a CUDA GPU (torch.cuda.is_available() is False); use --cpu-dry-run to test the plumbing")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    R = Runner(out, args.budget, "cpu" if dry else "cuda")
+    print(f"{refactor.TITLE}\n{results.provenance()['gpu']} | torch {torch.__version__} | "
+          f"tilelang {results.provenance()['tilelang']} | records -> {R.path}")
+    if dry:   # kernels -> torch emulations (tests/_mhc_emulation.py): exercises launchers and plumbing on a CPU
+        sys.path.insert(0, str(REPO / "tests"))
+        from _mhc_emulation import install
+
+        install(setattr)
+    call_tl = tilelang_call
+    tokens = args.tokens or ([1, 4] if dry else TOKENS)
+    torch_tokens = [1] if dry else TORCH_TOKENS
+    tk_tokens = TK_TOKENS
+    numerics_tokens = [1, 3] if dry else NUMERICS_TOKENS
+
+    # ---- 0. peaks, warm-up, kernel loads ---------------------------------------------------------------
+    peaks = None
+    if not dry:
+        try:
+            peaks = roofline.load_peaks() or roofline.measure_peaks()
+            if peaks.source == "measured":
+                results.append(out / "peaks.jsonl", peaks.to_records())
+            print(peaks.summary(), f"({peaks.source})")
+        except Exception as e:
+            R.save([R.rec("-", "-", "peaks", None, None, "error", None, None, message=f"{type(e).__name__}: {e}")])
+    available = {op: True for op in OPS}
+    if not dry:
+        if not args.no_warm:
+            jobs = [j for j in warm_jobs() if not j.startswith("tl:") or j.split(":")[1] in args.presets]
+            t0 = time.perf_counter()
+            warm = launch_warm_jobs(jobs, timeout=min(80.0, R.left() - 40))
+            print(f"warm-up: {len(jobs)} jobs in {time.perf_counter() - t0:.1f} s")
+            for j, w in warm.items():
+                R.save([R.rec(j, j.split(":")[0], "warm_job", None, None, "startup" if "seconds" in w else "error",
+                              "s" if "seconds" in w else None, w.get("seconds"), message=w.get("error"))])
+                if "error" in w:
+                    print(f"  warm {j}: {w['error']}")
+        needs = {"mhc_pre": ("gemm24", "pre_epi"), "mhc_post": ("post",), "mhc_fused_post_pre": ("fused", "pre_epi"),
+                 "hc_head": ("gemm4", "head_epi")}
+        for p in args.presets:
+            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post"):
+                t0 = time.perf_counter()
+                try:
+                    tl_kernel(p, kind)
+                    R.save([R.rec(kind, "tilelang", "load", p, None, "startup", "s", time.perf_counter() - t0)])
+                except Exception as e:
+                    msg = f"{type(e).__name__}: {str(e)[:500]}"
+                    print(f"  TileLang {kind} ({p}) FAILED: {msg}")
+                    R.save([R.rec(kind, "tilelang", "load", p, None, "error", None, None, message=msg)])
+                    for op, ks in needs.items():
+                        if kind in ks:
+                            available[op] = False
+        print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}")
+    tk, tk_error = None, None
+    try:
+        tk = TileKernelsPeer() if not dry else None
+        if tk:
+            R.save([R.rec("-", "tile_kernels", "api", None, None, "tk_semantics", None, tk.api, notes=tk.notes + [
+                "pre: no RMSNorm weight on layer_input", "fused_post_pre: its post then its pre (two calls)",
+                "hc_head: fn padded to 24 rows"])])
+    except Exception as e:
+        tk_error = f"{type(e).__name__}: {e}"
+        R.save([R.rec(op, "tile_kernels", "-", None, None, "unavailable", None, None, reason=tk_error) for op in OPS])
+        print(f"tile_kernels unavailable: {tk_error}")
+
+    # ---- 1. stage diagnostics ------------------------------------------------------------------------------
+    for t in ((3, 70) if dry else (3, 1000)):
+        R.guarded(f"stage diagnostics T={t}", lambda t=t: stage_diagnostics(R, "flash", t), preset="flash",
+                  tokens=t, min_left=60)
+    R.guarded("T=0", lambda: empty_tokens(R, "flash"), preset="flash", tokens=0, min_left=60)
+
+    # ---- 2. numerics ---------------------------------------------------------------------------------------
+    impl_tl = lambda op, c: call_tl(op, c)   # noqa: E731
+    for p in args.presets:
+        for op in OPS:
+            for t in numerics_tokens:
+                if available[op]:
+                    R.guarded(f"numerics {op} {p} T={t}", lambda op=op, t=t, p=p: numerics_case(
+                        R, p, op, t, impl_tl, "tilelang" if not dry else "tilelang(emulated)"),
+                        op=op, preset=p, tokens=t, min_left=55)
+                if tk and t in (3, 1000):
+                    R.guarded(f"numerics tile_kernels {op} {p} T={t}", lambda op=op, t=t, p=p: numerics_case(
+                        R, p, op, t, lambda o, c: tk.call(o, c), "tile_kernels", norm=op == "hc_head",
+                        semantics="tile_kernels: no norm weight" if op != "hc_head" else "dsv4"),
+                        op=op, backend="tile_kernels", preset=p, tokens=t, min_left=55)
+            if not dry and available[op]:
+                for t in (1, 1000):
+                    R.guarded(f"graph/determinism {op} {p} T={t}", lambda op=op, t=t, p=p: graph_and_determinism(
+                        R, p, op, t), op=op, preset=p, tokens=t, min_left=50)
+
+    # ---- the refactor on the GPU (step 4 of the docstring; run before the long timing sweep) ------------------
+    R.guarded("refactor run", lambda: refactor.run("cpu" if dry else "cuda", quick=True, preset="flash"),
+              op="refactor", backend="mixed", min_left=30)
+
+    # ---- 3. timing -----------------------------------------------------------------------------------------
+    compiled = {}
+    for p in args.presets:
+        for t in tqdm(tokens, desc=f"timing {p}", disable=dry):
+            c = make_case(p, t, R.dev, seed=t)
+            for op in OPS:
+                if available[op]:
+                    R.guarded(f"time tilelang {op} {p} T={t}", lambda: time_case(
+                        R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, False), op=op, preset=p,
+                        tokens=t, min_left=5)
+                    if op in ("mhc_pre", "mhc_fused_post_pre") and t >= 1024:
+                        R.guarded(f"time tilelang {op} nonorm {p} T={t}", lambda: time_case(
+                            R, p, op, t, "tilelang", lambda: tilelang_call(op, c, norm=False), peaks, False,
+                            norm_weight=False), op=op, preset=p, tokens=t, min_left=5)
+                    if t <= GRAPH_MAX_T and not dry:
+                        R.guarded(f"graph tilelang {op} {p} T={t}", lambda: time_case(
+                            R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, True), op=op,
+                            preset=p, tokens=t, min_left=5)
+                if tk and t in tk_tokens:
+                    R.guarded(f"time tile_kernels {op} {p} T={t}", lambda: time_case(
+                        R, p, op, t, "tile_kernels", lambda: tk.call(op, c), peaks, False,
+                        norm_weight=op == "hc_head"), op=op, backend="tile_kernels", preset=p, tokens=t, min_left=5)
+                    if t <= GRAPH_MAX_T and not dry:
+                        R.guarded(f"graph tile_kernels {op} {p} T={t}", lambda: time_case(
+                            R, p, op, t, "tile_kernels", lambda: tk.call(op, c), peaks, True,
+                            norm_weight=op == "hc_head"), op=op, backend="tile_kernels", preset=p, tokens=t,
+                            min_left=5)
+                if t in torch_tokens:
+                    R.guarded(f"time torch {op} {p} T={t}", lambda: time_case(
+                        R, p, op, t, "torch", lambda: reference_call(None, op, c), peaks, False,
+                        what="eager fp32 reference"), op=op, backend="torch", preset=p, tokens=t, min_left=5)
+                    if not dry:
+                        compiled.setdefault(op, compiled_reference(op))
+                        R.guarded(f"time torch.compile {op} {p} T={t}", lambda: time_case(
+                            R, p, op, t, "torch.compile", lambda: reference_call(compiled[op], op, c), peaks,
+                            False, what="torch.compile(dynamic=True) of the reference"), op=op,
+                            backend="torch.compile", preset=p, tokens=t, min_left=5)
+            if not dry:
+                del c
+                torch.cuda.empty_cache()
+    ratio_recs = []
+    for (p, op, t, backend, variant, norm), us in R.times.items():
+        peer = R.times.get((p, op, t, "tile_kernels", variant, op == "hc_head"))
+        if backend == "tilelang" and peer and (norm or op in ("mhc_post", "hc_head")):
+            ratio_recs.append(R.rec(op, "tilelang", variant, p, t, "speedup_vs_tile_kernels", "x", peer / us,
+                                    norm_weight=norm, target=0.9 if t >= 1024 else None))
+    R.save(ratio_recs)
+
+    # ---- summary -----------------------------------------------------------------------------------------------
+    print("\n".join(R.summary))
+    print(f"\n{'preset':<6} {'op':<19} {'T':>6} {'tilelang us':>12} {'%HBM':>6} {'tile_k us':>10} {'x tk':>6} "
+          f"{'graph us':>9} {'torch us':>9} {'compile us':>10}")
+    recs = results.read_records(R.path, strict=False) if R.path.exists() else []
+    pct = {(r["preset"], r["op"], r["tokens"]): r.get("pct_of_peak") for r in recs
+           if r.get("metric") == "time" and r["backend"] == "tilelang" and r["variant"] == "eager"
+           and r.get("norm_weight", True)}
+    for p in args.presets:
+        for op in OPS:
+            for t in tokens:
+                g = lambda b, v="eager", nw=True: R.times.get((p, op, t, b, v, nw))   # noqa: E731
+                tl, tkt = g("tilelang"), g("tile_kernels", nw=op == "hc_head")
+                f = lambda x: f"{x:.1f}" if x else "-"   # noqa: E731
+                pc = pct.get((p, op, t))
+                print(f"{p:<6} {op:<19} {t:>6} {f(tl):>12} {f(pc):>6} {f(tkt):>10} "
+                      f"{(f'{tkt / tl:.2f}' if tl and tkt else '-'):>6} {f(g('tilelang', 'graph')):>9} "
+                      f"{f(g('torch')):>9} {f(g('torch.compile')):>10}")
+    errors = [r for r in recs if r.get("metric") == "error"]
+    print(f"\n{len(recs)} records, {len(errors)} errors, {time.perf_counter() - R.t_start:.0f} s total -> {R.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
