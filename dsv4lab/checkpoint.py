@@ -236,8 +236,7 @@ def _in_group(name: str, prefix: str) -> bool:
 def expected_tensors(cfg: DSv4Config, prefix: str) -> dict[str, sizing.Tensor]:
     """Relative name -> ``sizing.Tensor`` (shape, stored dtype) of every tensor under ``prefix``.
 
-    ``ffn.experts.*.w`` rows of sizing (shape [E, out, in']) become one ``ffn.experts.{e}.w`` per expert; sizing's
-    fp8 scale names ``X.weight.scale`` become the checkpoint's ``X.scale`` (DS-ref ``Linear.scale``)."""
+    ``ffn.experts.*.w`` rows of sizing (shape [E, out, in']) become one ``ffn.experts.{e}.w`` per expert."""
     if prefix == "":
         table = sizing.top_level_params(cfg)
     elif prefix.startswith("mtp."):
@@ -249,22 +248,12 @@ def expected_tensors(cfg: DSv4Config, prefix: str) -> dict[str, sizing.Tensor]:
         table = sizing.layer_params(cfg, layer)
     out: dict[str, sizing.Tensor] = {}
     for t in table:
-        if t.name.endswith(".weight.scale"):          # sizing's name for an fp8 scale; the checkpoint says X.scale
-            name = t.name[: -len(".weight.scale")] + ".scale"
-            out[name] = sizing.Tensor(name, t.shape, t.dtype, t.group, t.is_param)
-            continue
         if not t.name.startswith("ffn.experts.*."):
             out[t.name] = t
             continue
         rest = t.name[len("ffn.experts.*."):]
-        E, shape, dtype = t.shape[0], t.shape[1:], t.dtype
-        if cfg.expert_dtype == "bf16":
-            dtype = "bf16"   # sizing lists non-fp4 experts as fp8
-        for e in range(E):
-            out[f"ffn.experts.{e}.{rest}"] = sizing.Tensor(f"ffn.experts.{e}.{rest}", shape, dtype, t.group)
-            if cfg.expert_dtype == "fp8" and rest.endswith(".weight"):   # sizing omits the fp8 experts' scales
-                sname = f"ffn.experts.{e}.{rest[:-len('.weight')]}.scale"
-                out[sname] = sizing.Tensor(sname, (-(-shape[0] // 128), -(-shape[1] // 128)), "e8m0", t.group)
+        for e in range(t.shape[0]):
+            out[f"ffn.experts.{e}.{rest}"] = sizing.Tensor(f"ffn.experts.{e}.{rest}", t.shape[1:], t.dtype, t.group)
     return out
 
 

@@ -40,7 +40,9 @@ class Tensor:
 
 
 def _fp8(name: str, out: int, inp: int, group: str) -> list[Tensor]:
-    return [Tensor(name, (out, inp), "fp8", group), Tensor(name + ".scale", (-(-out // 128), -(-inp // 128)), "e8m0", group)]
+    """An fp8 weight ``X.weight`` and its 128x128 UE8M0 block scales, stored as ``X.scale`` (DS-ref naming)."""
+    return [Tensor(name, (out, inp), "fp8", group),
+            Tensor(name.removesuffix(".weight") + ".scale", (-(-out // 128), -(-inp // 128)), "e8m0", group)]
 
 
 def layer_params(cfg: DSv4Config, layer: int, mtp: bool = False) -> list[Tensor]:
@@ -77,13 +79,15 @@ def layer_params(cfg: DSv4Config, layer: int, mtp: bool = False) -> list[Tensor]
         t.append(Tensor("ffn.gate.tid2eid", (cfg.vocab_size, cfg.num_experts_per_tok), "int64", "router", is_param=False))
     else:
         t.append(Tensor("ffn.gate.bias", (E,), "fp32", "router"))
-    if cfg.expert_dtype == "fp4":
-        for w, (o, i) in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
+    for w, (o, i) in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
+        if cfg.expert_dtype == "fp4":      # MXFP4: two e2m1 per byte, 1x32 UE8M0 scales
             t += [Tensor(f"ffn.experts.*.{w}.weight", (E, o, i // 2), "fp4x2", "routed_experts"),
                   Tensor(f"ffn.experts.*.{w}.scale", (E, o, i // 32), "e8m0", "routed_experts")]
-    else:
-        for w, (o, i) in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
-            t += [Tensor(f"ffn.experts.*.{w}.weight", (E, o, i), "fp8", "routed_experts")]
+        elif cfg.expert_dtype == "fp8":    # 128x128 block scales like the other fp8 linears
+            t += [Tensor(f"ffn.experts.*.{w}.weight", (E, o, i), "fp8", "routed_experts"),
+                  Tensor(f"ffn.experts.*.{w}.scale", (E, -(-o // 128), -(-i // 128)), "e8m0", "routed_experts")]
+        else:
+            t += [Tensor(f"ffn.experts.*.{w}.weight", (E, o, i), "bf16", "routed_experts")]
     Is = I * cfg.n_shared_experts
     for w, (o, i) in (("w1", (Is, D)), ("w3", (Is, D)), ("w2", (D, Is))):
         t += _fp8(f"ffn.shared_experts.{w}.weight", o, i, "shared_expert")

@@ -30,6 +30,6 @@ def test_per_layer_counts_match_the_table():
 def test_checkpoint_header_shapes():
     # Observed Flash shard headers (dsv4-layers.md 1.3): wo_a fp8 [8192, 4096] + scale [64, 32]; expert w1 [2048, 2048] + [2048, 128]
     t = {x.name: x for x in sizing.layer_params(get_config("flash"), 0)}
-    assert t["attn.wo_a.weight"].shape == (8192, 4096) and t["attn.wo_a.weight.scale"].shape == (64, 32)
-    assert t["attn.wq_a.weight.scale"].shape == (8, 32)
+    assert t["attn.wo_a.weight"].shape == (8192, 4096) and t["attn.wo_a.scale"].shape == (64, 32)
+    assert t["attn.wq_a.scale"].shape == (8, 32)
     assert t["ffn.experts.*.w1.weight"].shape[1:] == (2048, 2048) and t["ffn.experts.*.w1.scale"].shape[1:] == (2048, 128)
