@@ -92,7 +92,9 @@ def test_reference_quant_matches_brute_force():
 @pytest.mark.parametrize("t,h,d,dtype", [(8, 4, 128, torch.bfloat16),      # toy head, rope 64 in one chunk
                                          (3, 2, 512, torch.bfloat16),      # DSv4 head: 4 chunks, rope in the last
                                          (5, 3, 256, torch.float16),
-                                         (4, 2, 128, torch.float32)])
+                                         (4, 2, 128, torch.float32),
+                                         (2, 10, 512, torch.bfloat16),     # two head blocks, the second partial
+                                         (3, 2, 384, torch.bfloat16)])     # 3 chunks per head (padded to 4)
 def test_triton_bitwise_equals_reference(device, t, h, d, dtype):
     o = attn_output(t, h, d, dtype)
     o[0, 0] = 0.0
@@ -103,6 +105,17 @@ def test_triton_bitwise_equals_reference(device, t, h, d, dtype):
     assert q.shape == (t, h * d) and s.shape == (t, h * d // 128)
     assert torch.equal(as_bytes(q).cpu(), as_bytes(q_ref))
     assert torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("rope_dim", [32, 128])
+def test_triton_other_rope_widths(device, rope_dim):
+    """rope_dim is a parameter: 32 (4 rope rows per chunk boundary) and 128 (the whole last chunk rotates)."""
+    o = attn_output(3, 2, 256)
+    pos = torch.randint(0, MAX_POS, (3,))
+    cs = ref.rope_cos_sin_cache(base_inv_freq(rope_dim, 10000.0), MAX_POS)
+    q_ref, s_ref = ref.inv_rope_fp8_quant(o, pos, cs)
+    q, s = tri.inv_rope_fp8_quant(o.to(device), pos.to(device), cs.to(device))
+    assert torch.equal(as_bytes(q).cpu(), as_bytes(q_ref)) and torch.equal(s.cpu(), s_ref)
 
 
 def test_triton_rounds_ties_carries_and_subnormals_like_torch(device):
@@ -164,6 +177,14 @@ def test_bad_inputs_raise_before_any_work(fn):
         fn(o.to(torch.int32), pos, cs)
 
 
+def test_triton_refuses_a_non_power_of_two_rope_dim():
+    o, pos = attn_output(2, 2, 128), torch.tensor([1, 2])
+    cs = ref.rope_cos_sin_cache(base_inv_freq(48, 10000.0), 16)
+    assert ref.inv_rope_fp8_quant(o, pos, cs)[0].shape == (2, 256)     # the reference takes any even width
+    with pytest.raises(ValueError, match="power-of-two rope_dim"):
+        tri.inv_rope_fp8_quant(o, pos, cs)
+
+
 def test_registry_backends_share_the_reference_signature(device):
     from dsv4lab.kernels import registry
 
@@ -181,10 +202,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from dsv4lab.kernels.triton import inv_rope_fp8_quant as K
 sig = {"o_ptr": "*bf16", "pos_ptr": "*i64", "cs_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-       "stride_ot": "i32", "stride_oh": "i32", "n_chunks": "i32",
-       "HEAD_DIM": "constexpr", "ROPE_DIM": "constexpr", "CHUNKS": "constexpr", "AMAX_FLOOR": "constexpr"}
-src = triton.compiler.ASTSource(fn=K._inv_rope_fp8_quant_kernel, signature=sig,
-                                constexprs={"HEAD_DIM": 512, "ROPE_DIM": 64, "CHUNKS": 16, "AMAX_FLOOR": 1e-10})
+       "stride_ot": "i32", "stride_oh": "i32", "n_heads": "i32", "HEAD_DIM": "constexpr", "ROPE_DIM": "constexpr",
+       "HEADS": "constexpr", "CHUNKS": "constexpr", "AMAX_FLOOR": "constexpr", "SOFT_ROUND": "constexpr"}
+src = triton.compiler.ASTSource(fn=K._inv_rope_fp8_quant_kernel, signature=sig,   # DSv4 heads, as launched on a GPU
+                                constexprs={"HEAD_DIM": 512, "ROPE_DIM": 64, "HEADS": 8, "CHUNKS": 4,
+                                            "AMAX_FLOOR": 1e-10, "SOFT_ROUND": False},
+                                attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})  # JIT specialisation
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(K.LAUNCH_OPTIONS)).asm["ptx"]
 print(len(re.findall(r"\bfma\.", ptx)), len(re.findall(r"\bdiv\.", ptx)), len(re.findall(r"\.ftz", ptx)),
       " ".join(sorted(set(re.findall(r"cvt\.[a-z0-9.]*e4m3[a-z0-9.]*", ptx)))))
@@ -193,8 +216,9 @@ print(len(re.findall(r"\bfma\.", ptx)), len(re.findall(r"\bdiv\.", ptx)), len(re
 
 def test_sm90_build_has_no_fma_division_or_ftz():
     """GPU bitwise agreement rests on the compiled kernel rounding like torch: no fused multiply-add in the rotation,
-    no (approximate) division, no flush-to-zero, and the exact value cast with round-to-nearest. Checked on the
-    sm_90a PTX compiled ahead of time (no GPU needed; ptxas ships with triton)."""
+    no (approximate) division, no flush-to-zero, and the e4m3 cast with round-to-nearest-even (the hardware cast;
+    the interpreter's software rounding is compiled out). Checked on the sm_90a PTX compiled ahead of time (no GPU
+    needed; ptxas ships with triton)."""
     import os
     import subprocess
     import sys

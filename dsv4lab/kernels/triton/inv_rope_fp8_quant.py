@@ -6,15 +6,22 @@ Same contract and the same bits as ``dsv4lab.kernels.reference.attn_out.inv_rope
     scale = 2^ceil(log2(max(amax_128(y), 1e-10) / 448))      fp32, one per (token, 128-chunk)
     q     = e4m3_rne(y / scale)
 
-Bitwise agreement with torch on CPU (interpreter) and GPU rests on three choices:
-- cos/sin come from the caller's fp32 table (no in-kernel cos);
-- fp-fusion is off at launch, so ``e*c + o*s`` is two rounded products and a rounded sum, as in torch;
-- the scale exponent and the e4m3 rounding are done with integer ops on the fp32 bits. The interpreter's own
-  fp32 -> fp8e4nv cast is wrong (triton 3.6: ties round away from zero, and a mantissa carry is dropped, so
-  125.95 becomes 64 instead of 128), while it converts exactly representable values exactly. So the kernel
-  rounds to the e4m3 grid itself (nearest, ties to even, subnormals included) and the final cast is exact on
-  both the interpreter and the GPU's ``cvt.rn`` path. The exponent needs no fp32 division: for
-  amax = 1.m * 2^e, amax/448 = (1.m/1.75) * 2^(e-8), so ceil(log2) = e - 8 + (1.m > 1.75).
+One program = one token x a block of heads, as two tiles: the nope channels as rows of rope_dim lanes (a row is
+entirely nope or entirely rope, so masks are per row and loads/stores vectorise) and the rope channels
+[heads, rope_dim], whose GPT-J partner (lane ^ 1) is a second, cached load; so the rotation math runs on the rope
+lanes only, and the last chunk's amax combines both tiles. (The first version rotated every element, selected afterwards and always ran the
+software rounding below: ~48 % of the H100 copy bandwidth at T >= 4096, instruction bound.)
+
+Bitwise agreement with torch rests on:
+- cos/sin from the caller's fp32 table (no in-kernel cos);
+- fp-fusion off at launch, so ``e*c + o*s`` is two rounded products and a rounded sum, as in torch;
+- no fp32 division: the scale exponent comes from the amax bits (amax = 1.m * 2^e gives
+  ceil(log2(amax/448)) = e - 8 + (1.m > 1.75), since 448 = 1.75 * 2^8) and 1/scale is built from bits too;
+- round-to-nearest-even into e4m3. On the GPU that is the hardware cast (``cvt.rn.satfinite.e4m3x2.f32``). The
+  interpreter's own fp32 -> fp8e4nv cast is wrong (triton 3.6: ties round away from zero, and a mantissa carry is
+  dropped, so 125.95 becomes 64 instead of 128) while exactly representable values convert exactly, so under the
+  interpreter the kernel rounds to the e4m3 grid with integer ops first (``SOFT_ROUND``); on the GPU those ~15
+  integer ops per element would cost bandwidth, so they are compiled out.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import triton.language as tl
 
 from ..reference.attn_out import ATTN_OUT_AMAX_FLOOR, QUANT_BLOCK, check_inv_rope_args
 
-_MAX_CHUNKS_PER_PROGRAM = 16   # 16 x 128 elements = 4 KiB of bf16 per program on the GPU
+_TILE_ELEMENTS = 4096          # per program (8 DSv4 heads): 8 KiB of bf16 in; amortises the per-program reductions
 # no FMA contraction: torch rounds e*c and o*s before adding them (tests AOT-compile with these to sm_90a)
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
@@ -50,63 +57,96 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
+def _scale_bits(amax):
+    """(scale, 1/scale) = 2^k, 2^-k with k = ceil(log2(amax / 448)), exactly (amax >= 1e-10 is a normal fp32)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    k = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((k + 127) << 23).to(tl.float32, bitcast=True), ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
+    """RNE cast of fp32 ``x`` to e4m3. No clamp needed: |x| <= amax / scale <= 448 by the choice of scale (and the
+    hardware cast saturates anyway)."""
+    if SOFT_ROUND:
+        x = _round_to_e4m3_grid(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def _inv_rope_fp8_quant_kernel(o_ptr, pos_ptr, cs_ptr, q_ptr, scale_ptr,
-                               stride_ot, stride_oh, n_chunks,
-                               HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, CHUNKS: tl.constexpr,
-                               AMAX_FLOOR: tl.constexpr):
+                               stride_ot, stride_oh, n_heads,
+                               HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, HEADS: tl.constexpr,
+                               CHUNKS: tl.constexpr, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    N_CHUNKS: tl.constexpr = HEAD_DIM // 128          # chunks per head; CHUNKS = its next power of two
+    SUB: tl.constexpr = 128 // ROPE_DIM               # rows of ROPE_DIM lanes per 128-chunk
+    ROWS: tl.constexpr = CHUNKS * SUB                 # rows per head (padded); the head's last row is its rope
+    NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
     token = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)          # [C] chunk index within the token row
-    lane = tl.arange(0, 128)
-    valid = (chunk < n_chunks)[:, None]
-    head = (chunk // (HEAD_DIM // 128)).to(tl.int64)[:, None]
-    dim = (chunk % (HEAD_DIM // 128))[:, None] * 128 + lane[None, :]   # [C, 128] channel within the head
-    row = o_ptr + token * stride_ot + head * stride_oh
-    x = tl.load(row + dim, mask=valid, other=0.0).to(tl.float32)
+    head0 = tl.program_id(1) * HEADS
+    lane = tl.arange(0, ROPE_DIM)
 
-    is_rope = dim >= HEAD_DIM - ROPE_DIM
-    partner = tl.load(row + (dim ^ 1), mask=valid & is_rope, other=0.0).to(tl.float32)
-    pair = tl.maximum(dim - (HEAD_DIM - ROPE_DIM), 0) // 2
+    # nope channels as rows of ROPE_DIM lanes; a row is all nope or all rope, so masks are per row (vector loads)
+    row = tl.arange(0, HEADS * ROWS)
+    head = (head0 + row // ROWS).to(tl.int64)
+    nope_row = ((head < n_heads) & (row % ROWS < NOPE // ROPE_DIM))[:, None]
+    offs = (head * stride_oh + (row % ROWS) * ROPE_DIM)[:, None] + lane[None, :]
+    x = tl.load(o_ptr + token * stride_ot + offs, mask=nope_row, other=0.0).to(tl.float32)
+    amax = tl.max(tl.reshape(tl.max(tl.abs(x), axis=1), (HEADS, CHUNKS, SUB)), axis=2)   # [HEADS, CHUNKS]
+
+    # rope channels [HEADS, ROPE_DIM], rotated by -theta; the GPT-J partner (lane ^ 1) is a second, cached load
+    rh = (head0 + tl.arange(0, HEADS)).to(tl.int64)
+    rh_ok = (rh < n_heads)[:, None]
+    rope_src = o_ptr + token * stride_ot + (rh * stride_oh + NOPE)[:, None]
+    v = tl.load(rope_src + lane[None, :], mask=rh_ok, other=0.0).to(tl.float32)
+    partner = tl.load(rope_src + (lane ^ 1)[None, :], mask=rh_ok, other=0.0).to(tl.float32)
     cs_row = cs_ptr + tl.load(pos_ptr + token).to(tl.int64) * ROPE_DIM
-    cos = tl.load(cs_row + pair, mask=valid & is_rope, other=1.0)
-    sin = tl.load(cs_row + ROPE_DIM // 2 + pair, mask=valid & is_rope, other=0.0)
-    x_cos = x * cos
+    cos = tl.load(cs_row + lane // 2)[None, :]
+    sin = tl.load(cs_row + ROPE_DIM // 2 + lane // 2)[None, :]
+    v_cos = v * cos
     partner_sin = partner * sin
-    rotated = tl.where((dim % 2) == 0, x_cos + partner_sin, x_cos - partner_sin)
-    y = tl.where(is_rope, rotated, x)                  # keep nope channels (and -0.0) untouched
+    rot = tl.where((lane % 2 == 0)[None, :], v_cos + partner_sin, v_cos - partner_sin)
 
-    amax = tl.maximum(tl.max(tl.abs(y), axis=1), AMAX_FLOOR)          # [C]
-    abits = amax.to(tl.int32, bitcast=True)
-    exp = ((abits >> 23) & 0xFF) - 127 - 8 + ((abits & 0x7FFFFF) > 0x600000).to(tl.int32)  # 448 = 1.75 * 2^8
-    scale = ((exp + 127) << 23).to(tl.float32, bitcast=True)
-    inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)      # exact: exp in [-42, 120]
-    scaled = tl.minimum(tl.maximum(y * inv_scale[:, None], -448.0), 448.0)
-    q = _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
+    # scales: the last chunk's amax also covers the rope lanes
+    is_last = (tl.arange(0, CHUNKS) == N_CHUNKS - 1)[None, :]
+    amax = tl.where(is_last, tl.maximum(amax, tl.max(tl.abs(rot), axis=1)[:, None]), amax)
+    scale, inv_scale = _scale_bits(tl.maximum(amax, AMAX_FLOOR))          # [HEADS, CHUNKS]
+    row_inv_scale = tl.reshape(tl.broadcast_to(inv_scale[:, :, None], (HEADS, CHUNKS, SUB)), (HEADS * ROWS,))
+    rope_inv_scale = tl.sum(tl.where(is_last, inv_scale, 0.0), axis=1)[:, None]
 
-    out = token * n_chunks * 128 + chunk[:, None] * 128 + lane[None, :]
-    tl.store(q_ptr + out, q, mask=valid)
-    tl.store(scale_ptr + token * n_chunks + chunk, scale, mask=chunk < n_chunks)
+    dst = q_ptr + token * n_heads * HEAD_DIM
+    tl.store(dst + (head * HEAD_DIM + (row % ROWS) * ROPE_DIM)[:, None] + lane[None, :],
+             _to_e4m3(x * row_inv_scale[:, None], SOFT_ROUND), mask=nope_row)
+    tl.store(dst + (rh * HEAD_DIM + NOPE)[:, None] + lane[None, :], _to_e4m3(rot * rope_inv_scale, SOFT_ROUND),
+             mask=rh_ok)
+    chunk = tl.arange(0, CHUNKS)[None, :]
+    tl.store(scale_ptr + (token * n_heads + rh)[:, None] * N_CHUNKS + chunk, scale,
+             mask=rh_ok & (chunk < N_CHUNKS))
 
 
 def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backend of ``inv_rope_fp8_quant``: o [T, H, d] -> (e4m3 [T, H*d], fp32 scales [T, H*d/128]).
 
-    Input contract: ``check_inv_rope_args`` (o bf16/fp16/fp32 with a contiguous last axis, d % 128 == 0; o may be a
-    head slice of a padded buffer; positions [T] int; cos_sin_cache fp32 contiguous [P, rope_dim <= 128]; CUDA
-    tensors unless running under the interpreter). Positions are range-checked on CPU only.
+    Input contract: ``check_inv_rope_args`` (o float with a contiguous last axis, d % 128 == 0; o may be a head slice
+    of a padded buffer; positions [T] int; cos_sin_cache fp32 contiguous [P, rope_dim <= 128]; CUDA tensors unless
+    running under the interpreter) plus rope_dim a power of two. Positions are range-checked on CPU only.
     """
     rope_dim = check_inv_rope_args(o, positions, cos_sin_cache)
+    if rope_dim & (rope_dim - 1):   # rows of rope_dim lanes tile each 128-chunk
+        raise ValueError(f"cos_sin_cache: the Triton backend needs a power-of-two rope_dim, got {rope_dim}")
     if o.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"o: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {o.device}")
     t, h, d = o.shape
-    n_chunks = h * d // QUANT_BLOCK
     q = torch.empty((t, h * d), dtype=torch.float8_e4m3fn, device=o.device)
-    scale = torch.empty((t, n_chunks), dtype=torch.float32, device=o.device)
+    scale = torch.empty((t, h * d // QUANT_BLOCK), dtype=torch.float32, device=o.device)
     if t == 0 or h == 0:
         return q, scale
-    chunks = min(_MAX_CHUNKS_PER_PROGRAM, triton.next_power_of_2(n_chunks))
-    grid = (t, triton.cdiv(n_chunks, chunks))
+    chunks = triton.next_power_of_2(d // QUANT_BLOCK)
+    heads = max(1, min(triton.next_power_of_2(h), _TILE_ELEMENTS // (chunks * QUANT_BLOCK)))
+    grid = (t, triton.cdiv(h, heads))
     _inv_rope_fp8_quant_kernel[grid](
-        o, positions, cos_sin_cache, q, scale, o.stride(0), o.stride(1), n_chunks,
-        HEAD_DIM=d, ROPE_DIM=rope_dim, CHUNKS=chunks, AMAX_FLOOR=ATTN_OUT_AMAX_FLOOR, **LAUNCH_OPTIONS)
+        o, positions, cos_sin_cache, q, scale, o.stride(0), o.stride(1), h,
+        HEAD_DIM=d, ROPE_DIM=rope_dim, HEADS=heads, CHUNKS=chunks, AMAX_FLOOR=ATTN_OUT_AMAX_FLOOR,
+        SOFT_ROUND=_INTERPRETED, **LAUNCH_OPTIONS)
     return q, scale
