@@ -7,7 +7,9 @@ Steps; every case is recorded as it finishes, a failing case becomes an "error" 
 run goes on; a time budget (``--budget``, default 140 s from the start) turns what is left into "unavailable":
 0. Warm-up, in parallel subprocesses (``--warm-job``): every TileLang kernel for Flash (D=4096) and Pro (D=7168),
    tile_kernels' mHC kernels and torch.compile of the references; then the main process loads them (disk-cache
-   hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing.
+   hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing. Then each op
+   runs once in its own subprocess (T in 1, 3, 70, 1000; "smoke_max_rel_err" vs the reference): an op that
+   crashes, hangs or returns inf/NaN there is skipped here, so it cannot poison this process's CUDA context.
 1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
    epilogue). A failure here names the broken kernel.
@@ -168,6 +170,20 @@ def run_warm_job(job: str) -> dict[str, Any]:
             for op in OPS:
                 tk.call(op, c)
         torch.cuda.synchronize()
+    elif kind == "smoke":   # run one op's kernels in a throw-away process: a crash or hang cannot poison ours
+        op, worst, dev = rest[0], {}, "cuda" if torch.cuda.is_available() else "cpu"
+        for p in rest[1].split(","):
+            for t in (1, 3, 70, 1000):
+                c = make_case(p, t, dev, seed=t)
+                got, want = tilelang_call(op, c), reference_call(None, op, c)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+                for i, (g, w) in enumerate(zip(got, want)):
+                    err = float((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30))
+                    key = f"{p}:out{i}"
+                    worst[key] = max(worst.get(key, 0.0), err if torch.isfinite(g.float()).all() else float("inf"))
+        return {"job": job, "seconds": time.perf_counter() - t0, "max_rel_err": worst}
     elif kind == "tc":
         fn = compiled_reference(rest[0])
         for p in PRESETS:
@@ -549,6 +565,22 @@ def main(argv: list[str] | None = None) -> int:
                     for op, ks in needs.items():
                         if kind in ks:
                             available[op] = False
+        # each op once in its own process first (T in 1, 3, 70, 1000): an illegal access or a hang there marks
+        # the op unavailable instead of killing this process's CUDA context (and every later measurement)
+        smoke_jobs = [f"smoke:{op}:{','.join(args.presets)}" for op in OPS if available[op]]
+        try:
+            smoke = launch_warm_jobs(smoke_jobs, timeout=min(60.0, max(10.0, R.left() - 60)))
+        except Exception as e:
+            smoke = {j: {"error": f"could not launch: {type(e).__name__}: {e}"} for j in smoke_jobs}
+        for j, w in smoke.items():
+            op = j.split(":")[1]
+            errs = w.get("max_rel_err", {})
+            R.save([R.rec(op, "tilelang", "smoke_subprocess", None, None, "smoke_max_rel_err" if "error" not in w
+                          else "error", "1" if "error" not in w else None,
+                          max(errs.values()) if errs else None, per_output=errs, message=w.get("error"))])
+            print(f"  smoke {op}: " + (f"max rel err per output {errs}" if "error" not in w else f"FAILED {w['error']}"))
+            if "error" in w or any(v != v or v == float("inf") for v in errs.values()):
+                available[op] = False
         print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}")
     tk, tk_error = None, None
     try:
