@@ -376,18 +376,24 @@ def _einsum_operands(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- torch.compile(fullgraph=True): what the registration bought ----------------------------------------------
-def _opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A call Dynamo cannot trace into (``torch.compiler.disable``): the CPU stand-in for DeepGEMM's pybind call."""
-    return torch.compiler.disable(fn, recursive=True)
-
-
 def o_proj_after_opaque(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, wo_a_q: torch.Tensor,
                         wo_a_scale: torch.Tensor, wo_b: torch.Tensor, quant: Callable[..., Any]) -> torch.Tensor:
     """``o_proj_after`` with the einsum behind an opaque call (what a C-extension einsum is to Dynamo)."""
     q, s = quant(o, positions, cos_sin_cache)
     t, g = o.shape[0], wo_a_q.shape[0]
-    z = _opaque(fp8_einsum_after)(q.view(t, g, -1), s.view(t, g, -1), wo_a_q, wo_a_scale)
+    z = _fp8_einsum_after_opaque(q.view(t, g, -1), s.view(t, g, -1), wo_a_q, wo_a_scale)
     return z.flatten(1) @ wo_b.T
+
+
+# a call Dynamo does not trace into: the CPU stand-in for DeepGEMM's pybind function
+_fp8_einsum_after_opaque = torch.compiler.disable(fp8_einsum_after, recursive=True)
+
+
+def _first_lines(err: object) -> str:
+    """The headline of a Dynamo error plus its 'Explanation' / 'debug context' lines (which call broke, and why)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.startswith(("Explanation", "Developer debug context"))]
+    return " | ".join(keep)[:600]
 
 
 def compile_outcome(fn: Callable[..., Any], args: tuple, backend: str = "aot_eager") -> dict[str, Any]:
@@ -406,7 +412,7 @@ def compile_outcome(fn: Callable[..., Any], args: tuple, backend: str = "aot_eag
         out["compiled"] = True
         out["bitwise_equal"] = bool(torch.equal(got, fn(*args)))
     except Exception as e:  # the failure is the measurement
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        out["error"] = f"{type(e).__name__}: {_first_lines(e)}"
     dynamo.reset()
     if out["compiled"]:           # fullgraph succeeded: one graph, no break
         out["graphs"], out["graph_breaks"] = 1, 0
@@ -414,7 +420,7 @@ def compile_outcome(fn: Callable[..., Any], args: tuple, backend: str = "aot_eag
     try:
         ex = dynamo.explain(fn)(*args)
         out["graphs"], out["graph_breaks"] = ex.graph_count, ex.graph_break_count
-        out["break_reasons"] = [str(getattr(b, "reason", b)).splitlines()[0][:200] for b in ex.break_reasons][:5]
+        out["break_reasons"] = [_first_lines(getattr(b, "reason", b)) for b in ex.break_reasons][:5]
     except Exception as e:
         out["break_reasons"] = [f"explain failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
     dynamo.reset()
@@ -498,17 +504,26 @@ def per_forward_records(delta: dict[str, float], source: str, tokens: int) -> li
     return recs
 
 
-def graph_replay_records(inp: StepInputs, device: str) -> list[dict[str, Any]]:
-    """GPU time of the o-proj block captured in a CUDA graph, before vs after (expected equal), + bitwise check."""
+def graph_replay_records(inp: StepInputs, device: str, rounds: int = 3) -> list[dict[str, Any]]:
+    """GPU time of the o-proj block captured in a CUDA graph, before vs after (expected equal), + bitwise check.
+
+    The two are timed alternately ``rounds`` times (before, after, before, ...) and each keeps its median round, so
+    slow drift of the GPU (clocks, temperature) does not land on one variant only."""
     from ..lab import timing
 
     args = (inp.q, inp.positions, inp.cos_sin_cache, inp.wo_a_q, inp.wo_a_scale, inp.wo_b, inp.quant)
     backend = _backend_name("fp8_einsum", device)
     common = dict(op="o_proj_block", backend=backend, preset=inp.preset, tokens=inp.tokens, dtype="bfloat16")
+    variants = (("before", o_proj_before), ("after", o_proj_after))
+    runs: dict[str, list] = {v: [] for v, _ in variants}
+    for _ in range(rounds):
+        for variant, fn in variants:
+            runs[variant].append(timing.bench(lambda: fn(*args), graph=True, device=device))
     recs = []
-    for variant, fn in (("before", o_proj_before), ("after", o_proj_after)):
-        t = timing.bench(lambda: fn(*args), graph=True, device=device)
-        recs.append(t.to_record(experiment=EXPERIMENT, variant=variant, **common))
+    for variant, ts in runs.items():
+        median = sorted(ts, key=lambda t: t.p50)[len(ts) // 2]
+        recs.append(median.to_record(experiment=EXPERIMENT, variant=variant, rounds=rounds,
+                                     round_p50s=[t.p50 for t in ts], **common))
     recs.append(_rec(variant="after_vs_before", metric="bitwise_equal", unit="bool",
                      value=bool(torch.equal(o_proj_before(*args), o_proj_after(*args))), **common))
     return recs
