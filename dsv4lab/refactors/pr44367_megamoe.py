@@ -296,15 +296,45 @@ def oracle64(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1, w1_s
     return y
 
 
-def modules_for(case: Case, kernel: str, *, n_redundant: int = 0, max_num_tokens: int | None = None
-                ) -> tuple[MegaMoEExpertsBefore, MegaMoEExpertsAfter]:
-    """A before and an after module over the same weights (separate, identical EPLB states)."""
+def fp8_chain(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Any, *,
+              swiglu_limit: float) -> torch.Tensor:
+    """The grouped path's recipe, unfused, expert by expert in torch (the "legacy chain" baseline for numerics):
+    x -> e4m3 1x128 pow2; gate_up = bf16(deq(x) @ deq(w13)^T); h = SwiGLU-clamp -> e4m3 1x128 pow2;
+    out = bf16(deq(h) @ deq(w2)^T); y = sum over slots (routed, then shared groups) of w * out in fp32 -> x.dtype.
+    ``experts``: a ``grouped_moe.HopperExperts``."""
+    x_q, x_sf = quant_fp8(x, 128, pow2=True)
+    x32 = dequant_fp8(x_q, x_sf, 128)
+    t = x.shape[0]
+    shared = torch.arange(experts.n_routed, experts.n_groups, device=x.device).expand(t, experts.n_shared_groups)
+    groups = torch.cat((ids.long(), shared), dim=1)
+    slot_w = torch.cat((weights.float(), torch.ones(t, experts.n_shared_groups, device=x.device)), dim=1)
+    out = torch.zeros((t, groups.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
+    for g in torch.unique(groups).tolist():
+        rows, slots = torch.nonzero(groups == g, as_tuple=True)
+        gu = (x32[rows] @ dequant_fp8(experts.w13[g], experts.w13_sf[g], (128, 128)).T).to(torch.bfloat16).float()
+        gate, up = gu.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate.clamp(max=swiglu_limit)) * up.clamp(-swiglu_limit, swiglu_limit)
+        h_q, h_sf = quant_fp8(h, 128, pow2=True)
+        o = dequant_fp8(h_q, h_sf, 128) @ dequant_fp8(experts.w2[g], experts.w2_sf[g], (128, 128)).T
+        out[rows, slots] = o.to(torch.bfloat16).float()
+    y = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=x.device)
+    for j in range(groups.shape[1]):
+        y.addcmul_(out[:, j], slot_w[:, j:j + 1])
+    return y.to(x.dtype)
+
+
+def modules_for(case: Case, kernel: str, *, n_redundant: int = 0, max_num_tokens: int | None = None,
+                prepared: Any = None) -> tuple[MegaMoEExpertsBefore, MegaMoEExpertsAfter]:
+    """A before and an after module over the same weights (separate, identical EPLB states). ``prepared``: experts
+    already converted for the deep_gemm kernel (routed groups only), shared by both modules."""
     dev = case.weights[0].device
     mods = []
     for cls in (MegaMoEExpertsBefore, MegaMoEExpertsAfter):
         eplb = initial_eplb_state(case.n_experts, n_redundant, dev) if n_redundant else None
-        mods.append(cls(case.weights, top_k=case.top_k, max_num_tokens=max_num_tokens or max(case.h.shape[0], 1),
-                        kernel=kernel, eplb=eplb))
+        mod = cls(case.weights, top_k=case.top_k, max_num_tokens=max_num_tokens or max(case.h.shape[0], 1),
+                  kernel=kernel, eplb=eplb)
+        mod.prepared = prepared
+        mods.append(mod)
     return mods[0], mods[1]
 
 
@@ -357,14 +387,15 @@ def numerics_records(case: Case, kernel: str, *, n_redundant: int = 2) -> list[d
     return recs
 
 
-def host_overhead_records(case: Case, kernel: str, device: str, n: int, rounds: int = 3) -> tuple[list[dict], float]:
+def host_overhead_records(case: Case, kernel: str, device: str, n: int, rounds: int = 3, prepared: Any = None
+                          ) -> tuple[list[dict], float]:
     """us/call of before and after (``rounds`` interleaved ``host_overhead`` measurements, median of each) and
     before - after; plus the delta per forward for Flash and Pro layer counts."""
     import statistics
 
     from ..lab import timing
 
-    mb, ma = modules_for(case, kernel, n_redundant=0)
+    mb, ma = modules_for(case, kernel, n_redundant=0, prepared=prepared)
     args = (case.h, case.topk_w, case.topk_ids, case.swiglu_limit)
     us: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(rounds):
