@@ -8,7 +8,7 @@ run goes on; a time budget (``--budget``, default 140 s from the start) turns wh
 0. Warm-up, in parallel subprocesses (``--warm-job``): every TileLang kernel for Flash (D=4096) and Pro (D=7168),
    tile_kernels' mHC kernels and torch.compile of the references; then the main process loads them (disk-cache
    hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing. Then each op
-   runs once in its own subprocess (T in 1, 3, 70, 1000; "smoke_max_rel_err" vs the reference): an op that
+   runs once in its own subprocess (T in 1, 3, 70, 1000, 4096; "smoke_max_rel_err" vs the reference): an op that
    crashes, hangs or returns inf/NaN there is skipped here, so it cannot poison this process's CUDA context.
 1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
@@ -173,7 +173,7 @@ def run_warm_job(job: str) -> dict[str, Any]:
     elif kind == "smoke":   # run one op's kernels in a throw-away process: a crash or hang cannot poison ours
         op, worst, dev = rest[0], {}, "cuda" if torch.cuda.is_available() else "cpu"
         for p in rest[1].split(","):
-            for t in (1, 3, 70, 1000):
+            for t in (1, 3, 70, 1000, 4096):   # 4096: several tokens per epilogue block
                 c = make_case(p, t, dev, seed=t)
                 got, want = tilelang_call(op, c), reference_call(None, op, c)
                 if dev == "cuda":
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     for op, ks in needs.items():
                         if kind in ks:
                             available[op] = False
-        # each op once in its own process first (T in 1, 3, 70, 1000): an illegal access or a hang there marks
+        # each op once in its own process first (T up to 4096): an illegal access or a hang there marks
         # the op unavailable instead of killing this process's CUDA context (and every later measurement)
         smoke_jobs = [f"smoke:{op}:{','.join(args.presets)}" for op in OPS if available[op]]
         try:
