@@ -111,15 +111,17 @@ def _check_staging(x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor,
 
 # ---- Hopper: fp8_mega_moe -------------------------------------------------------------------------------
 class MegaMoESM90:
-    """``deep_gemm.fp8_mega_moe`` over a symmetric buffer. ``experts`` in the grouped-GEMM format (its routed
-    groups are used: MegaMoE wants w13 [E, 2I, D] + fp32 [E, 2I/128, D/128] and w2 [E, D, I] + [E, D/128, I/128])."""
+    """``deep_gemm.fp8_mega_moe`` over a symmetric buffer. ``experts``: THIS rank's experts in the grouped-GEMM
+    format (its routed groups are used: w13 [E_rank, 2I, D] + fp32 [E_rank, 2I/128, D/128], w2 [E_rank, D, I] +
+    [E_rank, D/128, I/128]); rank r owns global experts r * E_rank .. (r + 1) * E_rank - 1."""
 
     def __init__(self, experts: HopperExperts, group, *, max_num_tokens: int, top_k: int, swiglu_limit: float):
         require_sm90()
         if experts.hidden % 256 or experts.inter % 128:
             raise ValueError(f"experts: fp8_mega_moe needs D % 256 == 0 and I % 128 == 0, got D={experts.hidden}, "
                              f"I={experts.inter}")
-        self.hidden, self.inter, self.n_experts = experts.hidden, experts.inter, experts.n_routed
+        self.hidden, self.inter = experts.hidden, experts.inter
+        self.n_experts = experts.n_routed * group.size()          # global expert count
         self.max_num_tokens = chk.positive_int("max_num_tokens", max_num_tokens)
         self.top_k = chk.positive_int("top_k", top_k)
         self.swiglu_limit = chk.positive_float("swiglu_limit", swiglu_limit)
@@ -129,7 +131,8 @@ class MegaMoESM90:
         self.l1, self.l2 = dg.transform_weights_for_mega_moe_sm90(
             (experts.w13[:e].contiguous(), experts.w13_sf[:e].contiguous()),
             (experts.w2[:e].contiguous(), experts.w2_sf[:e].contiguous()))
-        self.buffer = dg.get_symm_buffer_for_sm90_mega_moe(group, e, max_num_tokens, top_k, self.hidden, self.inter)
+        self.buffer = dg.get_symm_buffer_for_sm90_mega_moe(group, self.n_experts, max_num_tokens, top_k, self.hidden,
+                                                           self.inter)
 
     def __call__(self, x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                  fast_math: bool = True) -> torch.Tensor:
