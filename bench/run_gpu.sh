@@ -15,7 +15,7 @@ for job in "$@"; do
   start=$(date +%s)
   if [[ $job == tests:* ]]; then
     echo "=== pytest ${job#tests:}" | tee -a "$log"
-    timeout 300 python3 -m pytest -q -p no:cacheprovider ${job#tests:} 2>&1 | tail -40 | tee -a "$log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider ${job#tests:} 2>&1 | tail -40 | tee -a "$log"
   else
     name=${job%%:*}; lim=${job#*:}; [[ $lim == "$job" ]] && lim=240
     echo "=== $name (limit ${lim}s)" | tee -a "$log"
