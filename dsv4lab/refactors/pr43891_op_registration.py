@@ -381,12 +381,13 @@ def o_proj_after_opaque(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache:
     """``o_proj_after`` with the einsum behind an opaque call (what a C-extension einsum is to Dynamo)."""
     q, s = quant(o, positions, cos_sin_cache)
     t, g = o.shape[0], wo_a_q.shape[0]
-    z = _fp8_einsum_after_opaque(q.view(t, g, -1), s.view(t, g, -1), wo_a_q, wo_a_scale)
+    z = _OPAQUE["fp8_einsum_after"](q.view(t, g, -1), s.view(t, g, -1), wo_a_q, wo_a_scale)
     return z.flatten(1) @ wo_b.T
 
 
-# a call Dynamo does not trace into: the CPU stand-in for DeepGEMM's pybind function
-_fp8_einsum_after_opaque = torch.compiler.disable(fp8_einsum_after, recursive=True)
+# calls Dynamo does not trace into (the CPU stand-in for DeepGEMM's pybind function); filled by compile_outcomes,
+# because torch.compiler.disable imports torch._dynamo, which imports triton -- too early for the CPU interpreter
+_OPAQUE: dict[str, Callable[..., Any]] = {}
 
 
 def _first_lines(err: object) -> str:
@@ -436,6 +437,7 @@ def compile_outcomes(inp: StepInputs, backend: str = "aot_eager") -> dict[str, d
     """
     from ..kernels import registry
 
+    _OPAQUE.setdefault("fp8_einsum_after", torch.compiler.disable(fp8_einsum_after, recursive=True))
     quant_ref = registry.get("inv_rope_fp8_quant", "reference")
     o = inp.q  # any [T, H, d] bf16 attention output will do
     args = (o, inp.positions, inp.cos_sin_cache, inp.wo_a_q, inp.wo_a_scale, inp.wo_b, quant_ref)
