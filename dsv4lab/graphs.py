@@ -311,7 +311,19 @@ _aten = torch.ops.aten
 SYNC_OPS = frozenset(getattr(_aten, n) for n in (
     "_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique", "_unique2", "unique_dim",
     "unique_dim_consecutive", "equal", "is_nonzero") if hasattr(_aten, n))
+_INDEX_OPS = frozenset(getattr(_aten, n) for n in ("index", "index_put", "index_put_", "_index_put_impl_")
+                       if hasattr(_aten, n))
 _NO_REPLAY = frozenset(getattr(_aten, n) for n in ("empty", "empty_strided", "empty_like") if hasattr(_aten, n))
+
+
+def _data_dependent(packet: Any, overload: str, args: tuple, kwargs: dict) -> bool:
+    """Boolean-mask indexing (a nonzero inside the kernel) and repeat_interleave without output_size."""
+    if packet in _INDEX_OPS:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
+    if packet is getattr(_aten, "repeat_interleave", None):
+        return overload in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
+    return False
 
 
 @dataclass
@@ -344,7 +356,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = getattr(func, "overloadpacket", None)
-        if func in SYNC_OPS or packet in SYNC_OPS:
+        if func in SYNC_OPS or packet in SYNC_OPS or _data_dependent(packet, getattr(func, "_overloadname", ""), args, kwargs):
             raise CaptureError(f"{func} inside a graph segment: it needs a host sync or has a data-dependent "
                                "shape, which a CUDA stream capture cannot record")
         out = func(*args, **kwargs)

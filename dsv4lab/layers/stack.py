@@ -269,6 +269,12 @@ class DecoderStack:
         w["w2"] = self._linear(g, D, (E + 1) * I)
         return w
 
+    def use_mhc_backend(self, backend: str, reason: str = "requested") -> None:
+        """Switch the mHC kernels (e.g. back to the reference when a TileLang kernel fails to build)."""
+        self.mhc_backend, _ = pick_mhc_backend(self.device, backend)
+        self.mhc_backend_reason = reason
+        self.ops = MhcOps.of(self.mhc_backend)
+
     def reset_cache(self, seed: int = 1) -> None:
         """Refill every layer's KV ring with deterministic unit-RMS values (a prefilled context stand-in)."""
         for i, cache in enumerate(self.caches):

@@ -167,39 +167,51 @@ def _set_recompile_limit(n: int = 64) -> None:
 class CompiledPieces:
     """``torch.compile`` of the three pieces of ``stack`` (a shallow copy sharing its weights, with opaque mHC ops
     when the backend is not the traceable reference). ``mark_tokens`` marks dim 0 of the token-carrying arguments
-    dynamic (T >= 2) so one compile serves every decode size."""
+    dynamic (T >= 2) so one compile serves every decode size. ``opaque_mhc`` (default: iff the backend is not the
+    reference) routes the mHC calls through ``opaque_mhc_ops``."""
 
     def __init__(self, stack: DecoderStack, *, backend: str = "inductor", mode: str = "default",
-                 mark_tokens: bool = True) -> None:
+                 mark_tokens: bool = True, opaque_mhc: bool | None = None) -> None:
         _set_recompile_limit()
         self.stack = copy.copy(stack)
-        if stack.mhc_backend != "reference":
+        if opaque_mhc if opaque_mhc is not None else stack.mhc_backend != "reference":
             self.stack.ops = opaque_mhc_ops(stack.mhc_backend)
         opts: dict[str, Any] = dict(backend=backend, fullgraph=True)
         if backend == "inductor":
             opts["mode"] = mode
-        self.backend, self.mode, self.mark_tokens = backend, mode, mark_tokens
+        self.backend, self.mode, self.mark_tokens, self.mark_error = backend, mode, mark_tokens, None
         s = self.stack
         self._first = torch.compile(s.piece_first, **opts)
         self._mid = torch.compile(s.piece_mid, **opts)
         self._last = torch.compile(s.piece_last, **opts)
 
-    def _mark(self, *tensors: torch.Tensor) -> None:
-        if self.mark_tokens and tensors[0].shape[0] >= 2:
-            for t in tensors:
+    def _call(self, fn: Callable, marked: tuple[torch.Tensor, ...], *args: Any) -> Any:
+        """Call a compiled piece, first marking the token dim of ``marked`` dynamic. If Dynamo refuses the marks
+        (a constraint violation: the code specialised T), drop them for good and let automatic dynamic shapes
+        recompile instead (``mark_error`` says why)."""
+        if self.mark_tokens and marked[0].shape[0] >= 2:
+            for t in marked:
                 torch._dynamo.mark_dynamic(t, 0)
+            try:
+                return fn(*args)
+            except Exception as e:
+                if "onstraint" not in f"{type(e).__name__} {e}":
+                    raise
+                self.mark_tokens, self.mark_error = False, f"{type(e).__name__}: {str(e)[:500]}"
+                for t in marked:
+                    getattr(t, "_dynamo_dynamic_indices", set()).discard(0)
+        return fn(*args)
 
     def first(self, h, positions, q_out, kv_out, w):
-        self._mark(h, positions, q_out, kv_out)
-        return self._first(h, positions, q_out, kv_out, w)
+        return self._call(self._first, (h, positions, q_out, kv_out), h, positions, q_out, kv_out, w)
 
     def mid(self, o, positions, residual, post, comb, q_out, kv_out, w_prev, w_next):
-        self._mark(o, positions, residual, post, comb, q_out, kv_out)
-        return self._mid(o, positions, residual, post, comb, q_out, kv_out, w_prev, w_next)
+        return self._call(self._mid, (o, positions, residual, post, comb, q_out, kv_out),
+                          o, positions, residual, post, comb, q_out, kv_out, w_prev, w_next)
 
     def last(self, o, positions, residual, post, comb, w_prev, final):
-        self._mark(o, positions, residual, post, comb)
-        return self._last(o, positions, residual, post, comb, w_prev, final)
+        return self._call(self._last, (o, positions, residual, post, comb), o, positions, residual, post, comb,
+                          w_prev, final)
 
     @property
     def pieces(self) -> tuple[Callable, Callable, Callable]:
@@ -368,7 +380,10 @@ def measure_mode(stack: DecoderStack, mode: str, tokens: int, *, preset: str, re
     step.set(*next(iter(step_inputs(stack, tokens, 1, seed=12345))))
     backend = graph_backend_factory() if graph_backend_factory is not None and mode != "eager" else None
     runner = Runner(mode, stack, step, graph_backend=backend, compiled=compiled, warmup=capture_warmup)
-    recs.append(_rec("startup", "s", runner.startup_s, warmup_s=runner.warmup_s, capture_s=runner.capture_s, **f))
+    compile_info = {} if compiled is None or mode != "before" else dict(
+        compile_mode=compiled.mode, dynamic_tokens=compiled.mark_tokens, mark_error=compiled.mark_error)
+    recs.append(_rec("startup", "s", runner.startup_s, warmup_s=runner.warmup_s, capture_s=runner.capture_s,
+                     **compile_info, **f))
     recs.append(_rec("graphs", "count", runner.num_graphs, breaks=runner.num_breaks, **f))
 
     stats = equality_stats(refs[pad], replay_outputs(runner, steps))
