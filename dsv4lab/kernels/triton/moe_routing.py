@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..reference import _checks as chk
+from .inv_rope_fp8_quant import _INTERPRETED
 
 _F32 = (torch.float32,)
 DENOM_FLOOR = 1e-20      # vLLM's torch fallback clamps the weight sum here
@@ -102,6 +103,8 @@ def check_route_args(logits: torch.Tensor, k: int, routed_scaling_factor: float,
     if k > e:
         raise ValueError(f"k: expected <= number of experts {e}, got {k}")
     rsf = chk.positive_float("routed_scaling_factor", routed_scaling_factor)
+    if logits.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"logits: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {logits.device}")
     if e and logits.stride(1) != 1:
         raise ValueError(f"logits: expected a contiguous last axis, got strides {tuple(logits.stride())}")
     if (tid2eid is None) != (input_ids is None):

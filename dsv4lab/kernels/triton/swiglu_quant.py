@@ -12,8 +12,9 @@ so the second GEMM sees regular, finite padding.
 
 Rounding: fp32 silu as ``g / (1 + exp(-g))`` (torch's formula; ``exp`` may differ from torch's by an ulp, so h,
 and rarely q, can differ from a torch composition by one step), the scale exponent from the fp32 bits (exact, no
-log2), and e4m3 rounding on the bits (``_round_to_e4m3_grid``, shared with inv_rope_fp8_quant: the interpreter's
-own fp32 -> fp8 cast is wrong at ties and carries). fp-fusion is off so the product h is one rounding as in torch.
+log2), and the e4m3 cast via inv_rope_fp8_quant's ``_to_e4m3``: the hardware RNE cast on the GPU, rounding on
+the bits under the interpreter (whose own fp32 -> fp8 cast is wrong at ties and carries). fp-fusion is off so the
+product h is one rounding as in torch.
 
 Input contract: gate_up bf16/fp16/fp32 [M, 2I] with a contiguous last axis, I a multiple of 128; limit > 0;
 m_indices None or int32/int64 [M] on the same device.
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..reference import _checks as chk
-from .inv_rope_fp8_quant import _round_to_e4m3_grid
+from .inv_rope_fp8_quant import _INTERPRETED, _to_e4m3
 
 QUANT_BLOCK = 128
 AMAX_FLOOR = 1e-4                   # DS-ref / DeepGEMM act-quant floor
@@ -34,7 +35,8 @@ _MAX_CHUNKS_PER_PROGRAM = 8         # 8 x 128 columns of h per program
 
 @triton.jit
 def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, q_ptr, scale_ptr, stride_row, inter, n_chunks, limit,
-                         CHUNKS: tl.constexpr, HAS_INDICES: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+                         CHUNKS: tl.constexpr, HAS_INDICES: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                         SOFT_ROUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)          # [C]
     lane = tl.arange(0, 128)
@@ -57,7 +59,7 @@ def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, q_ptr, scale_ptr, stride_ro
     scale = ((exp + 127) << 23).to(tl.float32, bitcast=True)
     inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)      # exact: exp in [-22, 120]
     scaled = tl.minimum(tl.maximum(h * inv_scale[:, None], -448.0), 448.0)
-    q = _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
+    q = _to_e4m3(scaled, SOFT_ROUND)
 
     in_row = (chunk < n_chunks)[:, None]
     tl.store(q_ptr + row * inter + col, q, mask=in_row)
@@ -73,6 +75,8 @@ def check_swiglu_quant_args(gate_up: torch.Tensor, limit: float, m_indices: torc
     if m and gate_up.stride(1) != 1:
         raise ValueError(f"gate_up: expected a contiguous last axis, got strides {tuple(gate_up.stride())}")
     limit = chk.positive_float("limit", limit)
+    if gate_up.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"gate_up: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {gate_up.device}")
     if m_indices is not None:
         chk.tensor("m_indices", m_indices, chk.INT_DTYPES, dim=1)
         chk.shape("m_indices", m_indices, (m,))
@@ -97,5 +101,5 @@ def swiglu_quant(gate_up: torch.Tensor, limit: float, m_indices: torch.Tensor | 
     _swiglu_quant_kernel[grid](
         gate_up, m_indices if m_indices is not None else gate_up, q, scale, gate_up.stride(0), inter, n_chunks,
         limit, CHUNKS=chunks, HAS_INDICES=m_indices is not None, AMAX_FLOOR=AMAX_FLOOR,
-        num_warps=4, enable_fp_fusion=False)
+        SOFT_ROUND=_INTERPRETED, num_warps=4, enable_fp_fusion=False)
     return q, scale
