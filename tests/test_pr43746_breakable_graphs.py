@@ -333,3 +333,21 @@ def test_mechanism_trace_for_the_notebook():
     assert (tr["after"]["num_graphs"], tr["after"]["num_breaks"]) == (3, 2)
     fig = pytest.importorskip("plotly") and exp.timeline_figure(tr)
     assert len(fig.data) == 6
+
+
+def test_bench_script_cpu_dry_run(tmp_path):
+    """The H100 script gets one shot: run its whole flow (smoke test, sweep, records, summary) on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "pr43746_breakable_graphs.py"
+    spec = importlib.util.spec_from_file_location("bench_pr43746_breakable_graphs", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--out", str(tmp_path), "--cpu-dry-run", "--modes", "eager", "after", "full", "--tokens", "2",
+            "--kernel-tokens"]
+    assert bench.main(argv) == 0
+    recs = results.read_records(tmp_path / f"{exp.EXPERIMENT}.jsonl")
+    assert not [r for r in recs if r["metric"] == "error"]
+    assert {r["variant"] for r in recs if r["metric"] == "time"} == {"eager", "after", "full"}
+    assert all(r["value"] for r in recs if r["metric"] == "equal_to_eager")
