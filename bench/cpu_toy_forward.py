@@ -4,12 +4,15 @@
 
 Records (experiment "cpu_toy_forward", metric "time", value = median microseconds of ``rep`` calls after
 ``warmup`` calls; p20/p80 beside it) for three variants: ``vllm`` (fused mHC wiring), ``unfused`` and
-``vllm+mtp`` (target forward plus one MTP draft step). Written to ``data/results/<slug>/cpu_toy_forward.jsonl``
+``vllm+mtp`` (target forward plus one MTP draft step). On a shared box the numbers depend on the load (recorded
+as ``load_avg_before/after``); with more runnable threads than cores, OpenMP spin-waits can make 2-thread runs
+10x slower than ``--threads 1``. Written to ``data/results/<slug>/cpu_toy_forward.jsonl``
 or ``<out>/cpu_toy_forward.jsonl``. The target is < 1 s per T=256 forward on a 2-core CPU.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     recs, rows = [], []
     with torch.inference_mode():
         for variant, fn in cases.items():
+            load_before = os.getloadavg()[0]
             t = timing.bench(fn, device="cpu", warmup=args.warmup, rep=args.rep)
+            # the box is shared: the 1-minute load average says how contended the cores were
             recs.append(t.to_record(experiment=EXPERIMENT, op="model_forward", backend="reference", variant=variant,
                                     preset="toy", tokens=args.tokens, dtype="float32",
-                                    threads=torch.get_num_threads(), build_s=round(build_s, 3)))
+                                    threads=torch.get_num_threads(), build_s=round(build_s, 3),
+                                    load_avg_before=load_before, load_avg_after=os.getloadavg()[0]))
             rows.append((variant, t.p20 / 1e3, t.p50 / 1e3, t.p80 / 1e3))
 
     path = (args.out / f"{EXPERIMENT}.jsonl") if args.out else results.results_path(EXPERIMENT)
