@@ -370,7 +370,8 @@ def measure_mode(stack: DecoderStack, mode: str, tokens: int, *, preset: str, re
                  rep: int, kernels: bool, timing_kind: str, extra: dict[str, Any], capture_warmup: int = 2
                  ) -> list[dict]:
     """Records of one (mode, T): startup, graph counts, equality over ``steps`` steps, latency, host time and
-    (``kernels``) kernels per forward. ``refs[pad]`` are the eager reference outputs of the same steps."""
+    (``kernels``) kernels per forward. ``refs[pad]`` are the eager reference outputs of the same steps. Timings
+    run on one fixed step with full windows (launch width W in every mode)."""
     from ..lab import timing
 
     pad = mode == "full"
@@ -391,6 +392,9 @@ def measure_mode(stack: DecoderStack, mode: str, tokens: int, *, preset: str, re
     recs.append(_rec("equal_to_eager", "bool", ok, verdict=kind, tol_rel_rms=TOL_REL_RMS,
                      reference="eager, pad=True" if pad else "eager", **stats, **f))
 
+    # time every mode on the same work: every sequence past its first W tokens (full windows, width = W)
+    W = stack.cfg.sliding_window
+    step.set(W + np.arange(tokens) % W, step.h.clone())
     dev = stack.device
     if dev.type == "cuda":
         recs.append(timing.bench(runner.run, flush_l2=False, warmup=3, rep=rep, device=dev).to_record(**f))
