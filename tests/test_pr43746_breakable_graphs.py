@@ -351,3 +351,23 @@ def test_bench_script_cpu_dry_run(tmp_path):
     assert not [r for r in recs if r["metric"] == "error"]
     assert {r["variant"] for r in recs if r["metric"] == "time"} == {"eager", "after", "full"}
     assert all(r["value"] for r in recs if r["metric"] == "equal_to_eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["after", "full", "before"])
+def test_cuda_modes_match_eager(mode):
+    """Real CUDA graphs (and Inductor for 'before') on a toy stack: replays over changing metadata equal eager
+    (bitwise for the modes that run eager's kernels; TOL_REL_RMS for Inductor)."""
+    stack = DecoderStack(stack_config("toy", num_layers=2, experts=4), device="cuda", mhc_backend="reference",
+                         max_seqs=8)
+    T, steps, pad = 4, 5, mode == "full"
+    ref = exp.eager_outputs(stack, T, steps, pad=pad)
+    step = stack.new_step(T, pad=pad)
+    step.set(*next(iter(exp.step_inputs(stack, T, 1, seed=3))))
+    compiled = exp.CompiledPieces(stack) if mode == "before" else None
+    runner = exp.Runner(mode, stack, step, graph_backend=G.CudaGraphBackend(), compiled=compiled)
+    stats = exp.equality_stats(ref, exp.replay_outputs(runner, steps))
+    kind, ok = exp.verdict(stats)
+    assert ok, stats
+    if mode != "before":
+        assert kind == "bitwise", stats
