@@ -20,7 +20,7 @@ D, I, E, K_TOP, L = 256, 128, 8, 2, 10.0
 
 def emulated_grouped_gemm(a, a_sf, b, b_sf, m_indices):
     a32 = dequant_fp8(a, a_sf, 128)
-    out = torch.zeros(a.shape[0], b.shape[1])
+    out = torch.zeros(a.shape[0], b.shape[1], device=a.device)
     for g in torch.unique(m_indices[m_indices >= 0]).tolist():
         rows = m_indices == g
         out[rows] = a32[rows] @ dequant_fp8(b[g], b_sf[g], (128, 128)).T
@@ -193,7 +193,7 @@ def oracle64(x, weights, ids, w_deq, shared, limit):
     return y
 
 
-def test_pipeline_matches_slotwise_emulation_reference_and_oracle():
+def test_pipeline_matches_slotwise_emulation_reference_and_oracle(device):
     t = 8
     weights4 = mxfp4_experts(E, D, I, seed=5)
     shared = fp8_shared(D, I, seed=6)
@@ -201,7 +201,13 @@ def test_pipeline_matches_slotwise_emulation_reference_and_oracle():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, D, generator=g).bfloat16()               # unit-RMS activations
     weights, ids = routing(t, E, K_TOP, seed=8)
-    got = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, alignment=4, grouped_gemm=emulated_grouped_gemm)
+    if device != "cpu":   # the same pipeline with the Triton kernel on the GPU (the GEMM stays emulated)
+        ex_dev = gm.HopperExperts(*(t.to(device) for t in (ex.w13, ex.w13_sf, ex.w2, ex.w2_sf)), ex.n_routed,
+                                  ex.n_shared_groups)
+        got = gm.experts_forward(x.to(device), weights.to(device), ids.to(device), ex_dev, swiglu_limit=L,
+                                 alignment=4, grouped_gemm=emulated_grouped_gemm).cpu()
+    else:
+        got = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, alignment=4, grouped_gemm=emulated_grouped_gemm)
     assert got.dtype == torch.bfloat16 and got.shape == (t, D)
     # 1) the layout code changes nothing but fp32 summation order inside the emulated GEMM
     emu = slotwise_fp8_emulation(x, weights, ids, ex, L)

@@ -17,6 +17,13 @@ from dsv4lab.lab.numerics import topk_overlap, ulp_diff
 WEIGHT_ULPS = 6
 
 
+def on(device, fn, *args, **kw):
+    """Call ``fn`` with every tensor argument moved to ``device``; tensor results come back on the CPU."""
+    mv = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = fn(*(mv(a) for a in args), **{k: mv(v) for k, v in kw.items()})
+    return tuple(o.cpu() for o in out)
+
+
 def oracle(logits, k, rsf, bias=None, tid2eid=None, input_ids=None):
     """fp64 routing: scores, selection (by the fp64 biased score), weights."""
     s = torch.sqrt(F.softplus(logits.double()))
@@ -35,12 +42,12 @@ def router_logits(t, e, seed):
 
 
 @pytest.mark.parametrize("n_experts,k,rsf", [(256, 6, 1.5), (384, 6, 2.5)])
-def test_bias_topk_matches_reference_and_oracle(n_experts, k, rsf):
+def test_bias_topk_matches_reference_and_oracle(n_experts, k, rsf, device):
     t = 12
     logits = router_logits(t, n_experts, seed=n_experts)
     g = torch.Generator().manual_seed(1)
     bias = 8.08 + 0.05 * torch.randn(n_experts, generator=g)   # Flash-like biases (all near 8.08)
-    w, ids = route(logits, k=k, routed_scaling_factor=rsf, bias=bias)
+    w, ids = on(device, route, logits, k=k, routed_scaling_factor=rsf, bias=bias)
     w_ref, ids_ref = route_ref(logits, k=k, routed_scaling_factor=rsf, bias=bias)
     w64, ids64, sel64 = oracle(logits, k, rsf, bias=bias)
     assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (t, k)
@@ -54,51 +61,52 @@ def test_bias_topk_matches_reference_and_oracle(n_experts, k, rsf):
     assert torch.allclose(w.double().sum(-1), torch.full((t,), rsf, dtype=torch.float64), rtol=1e-6)
 
 
-def test_no_bias_and_wide_logit_range():
+def test_no_bias_and_wide_logit_range(device):
     """bias=None selects by s alone; logits from -30 to 30 exercise both softplus branches (threshold 20)."""
     t, e, k = 8, 64, 4
     g = torch.Generator().manual_seed(3)
     logits = torch.rand(t, e, generator=g) * 60 - 30
     logits[:, :8] = torch.tensor([-30.0, -20.0, -5.0, -1e-3, 0.0, 5.0, 20.5, 30.0])
-    w, ids = route(logits, k=k, routed_scaling_factor=1.0)
+    w, ids = on(device, route, logits, k=k, routed_scaling_factor=1.0)
     w64, ids64, _ = oracle(logits, k, 1.0)
     assert torch.equal(ids, ids64)                    # no near ties in uniform draws at this spacing
     assert ulp_diff(w, w64.float()).max().item() <= WEIGHT_ULPS
 
 
-def test_hash_routing():
+def test_hash_routing(device):
     t, e, k, vocab = 10, 48, 6, 100
     g = torch.Generator().manual_seed(4)
     tid2eid = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(vocab)]).to(torch.int32)
     input_ids = torch.randint(0, vocab, (t,), generator=g)
     logits = router_logits(t, e, seed=5)
-    w, ids = route(logits, k=k, routed_scaling_factor=1.5, tid2eid=tid2eid, input_ids=input_ids)
+    w, ids = on(device, route, logits, k=k, routed_scaling_factor=1.5, tid2eid=tid2eid, input_ids=input_ids)
     w64, ids64, _ = oracle(logits, k, 1.5, tid2eid=tid2eid, input_ids=input_ids)
     assert torch.equal(ids, tid2eid[input_ids].long())   # slot order of the table is kept
     assert ulp_diff(w, w64.float()).max().item() <= WEIGHT_ULPS
 
 
-def test_exact_ties_go_to_the_lower_expert_id():
+def test_exact_ties_go_to_the_lower_expert_id(device):
     """Equal logits and equal bias for experts 3, 5, 9, 12 competing for the last 2 of k = 4 slots."""
     e, k = 16, 4
     logits = torch.full((1, e), -2.0)
     logits[0, [1, 7]] = 3.0                     # two clear winners
     logits[0, [3, 5, 9, 12]] = 1.0              # a four-way exact tie for the remaining two slots
-    w, ids = route(logits, k=k, routed_scaling_factor=1.0, bias=torch.zeros(e))
+    w, ids = on(device, route, logits, k=k, routed_scaling_factor=1.0, bias=torch.zeros(e))
     assert ids.tolist() == [[1, 7, 3, 5]]
     s_hi, s_lo = (torch.sqrt(F.softplus(torch.tensor(v, dtype=torch.float64))) for v in (3.0, 1.0))
     want = torch.tensor([s_hi, s_hi, s_lo, s_lo]) / (2 * s_hi + 2 * s_lo)
     assert ulp_diff(w[0], want.float()).max().item() <= WEIGHT_ULPS
 
 
-def test_empty_batch_and_registry():
-    w, ids = route(torch.empty(0, 16), k=2, routed_scaling_factor=1.0)
+def test_empty_batch_and_registry(device):
+    w, ids = on(device, route, torch.empty(0, 16), k=2, routed_scaling_factor=1.0)
     assert w.shape == (0, 2) and ids.shape == (0, 2) and ids.dtype == torch.int64
     assert registry.get("moe_routing", "triton") is route
 
 
-def test_bad_input_raises_before_launch():
-    logits = torch.randn(4, 16)
+def test_bad_input_raises_before_launch(device):
+    logits = torch.randn(4, 16, device=device)
+    zeros = lambda *shape, **kw: torch.zeros(*shape, device=device, **kw)  # noqa: E731
     with pytest.raises(TypeError, match="logits"):
         route(logits.half(), k=2, routed_scaling_factor=1.0)
     with pytest.raises(ValueError, match="k"):
@@ -106,16 +114,17 @@ def test_bad_input_raises_before_launch():
     with pytest.raises(ValueError, match="routed_scaling_factor"):
         route(logits, k=2, routed_scaling_factor=0.0)
     with pytest.raises(ValueError, match="contiguous"):
-        route(torch.randn(16, 4).T, k=2, routed_scaling_factor=1.0)
+        route(torch.randn(16, 4, device=device).T, k=2, routed_scaling_factor=1.0)
     with pytest.raises(ValueError, match="bias"):
-        route(logits, k=2, routed_scaling_factor=1.0, bias=torch.zeros(15))
-    tid2eid = torch.zeros(8, 2, dtype=torch.int64)
+        route(logits, k=2, routed_scaling_factor=1.0, bias=zeros(15))
+    tid2eid = zeros(8, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="tid2eid/input_ids"):
         route(logits, k=2, routed_scaling_factor=1.0, tid2eid=tid2eid)
     with pytest.raises(ValueError, match="bias"):
-        route(logits, k=2, routed_scaling_factor=1.0, bias=torch.zeros(16), tid2eid=tid2eid,
-              input_ids=torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="input_ids"):
-        route(logits, k=2, routed_scaling_factor=1.0, tid2eid=tid2eid, input_ids=torch.full((4,), 8))
-    with pytest.raises(ValueError, match="tid2eid"):
-        route(logits, k=2, routed_scaling_factor=1.0, tid2eid=tid2eid + 16, input_ids=torch.zeros(4, dtype=torch.int64))
+        route(logits, k=2, routed_scaling_factor=1.0, bias=zeros(16), tid2eid=tid2eid,
+              input_ids=zeros(4, dtype=torch.int64))
+    if device == "cpu":   # id ranges are checked on CPU tensors only (a GPU check would sync every call)
+        with pytest.raises(ValueError, match="input_ids"):
+            route(logits, k=2, routed_scaling_factor=1.0, tid2eid=tid2eid, input_ids=torch.full((4,), 8))
+        with pytest.raises(ValueError, match="tid2eid"):
+            route(logits, k=2, routed_scaling_factor=1.0, tid2eid=tid2eid + 16, input_ids=zeros(4, dtype=torch.int64))

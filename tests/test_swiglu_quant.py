@@ -11,6 +11,12 @@ from dsv4lab.quant import dequant_fp8, quant_fp8
 L = 10.0
 
 
+def on(device, fn, *args):
+    """Call ``fn`` with tensor arguments on ``device``; results come back on the CPU."""
+    out = fn(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+    return tuple(o.cpu() for o in out)
+
+
 def torch_swiglu_quant(gate_up, limit, m_indices=None):
     """The unfused chain: fp32 SwiGLU-clamp, padded rows zeroed, then dsv4lab.quant.quant_fp8 (1x128, pow2)."""
     g, u = gate_up.float().chunk(2, dim=-1)
@@ -35,10 +41,10 @@ def gate_up_like_gemm_output(m, inter, seed):
 
 
 @pytest.mark.parametrize("inter", [128, 384])           # 384: three 128-chunks, a masked tail in the program
-def test_matches_torch_chain_and_fp64_oracle(inter):
+def test_matches_torch_chain_and_fp64_oracle(inter, device):
     m = 24
     gu = gate_up_like_gemm_output(m, inter, seed=inter)
-    q, s = swiglu_quant(gu, L)
+    q, s = on(device, swiglu_quant, gu, L)
     q_ref, s_ref = torch_swiglu_quant(gu, L)
     assert q.dtype == torch.float8_e4m3fn and q.shape == (m, inter) and s.shape == (m, inter // 128)
     assert torch.equal(s, s_ref)
@@ -58,14 +64,14 @@ def test_matches_torch_chain_and_fp64_oracle(inter):
     assert bool(((amax / s.double() > 224) & (amax / s.double() <= 448)).all())
 
 
-def test_clamp_hand_computed():
+def test_clamp_hand_computed(device):
     """Row 0: gate 20 -> min(20, 10) = 10, up 20 -> 10: h = silu(10) * 10.  Row 1: gate -20 is NOT clamped
     (silu(-20) = -20 / (1 + e^20)), up -20 -> -10.  The block amax decides the scale: 99.95 -> 2^-2."""
     gu = torch.zeros(2, 256)
     gu[0, 0], gu[0, 128] = 20.0, 20.0
     gu[1, 0], gu[1, 128] = -20.0, -20.0
     gu[1, 1], gu[1, 129] = 2.0, 3.0                      # silu(2) * 3 = 5.284
-    q, s = swiglu_quant(gu, L)
+    q, s = on(device, swiglu_quant, gu, L)
     h00 = 10.0 / (1.0 + math.exp(-10.0)) * 10.0
     assert s[0, 0].item() == 2.0 ** -2                   # 99.95 / 448 = 0.223 -> 2^-2
     assert q[0, 0].float().item() * 0.25 == pytest.approx(h00, rel=2.0 ** -4)
@@ -76,14 +82,14 @@ def test_clamp_hand_computed():
     assert q[1, 1].float().item() * 2.0 ** -6 == pytest.approx(h11, rel=2.0 ** -4)
 
 
-def test_padding_rows_are_never_read():
+def test_padding_rows_are_never_read(device):
     """m_indices = -1 rows hold NaN/inf garbage here; they must come out as a quantised zero row."""
     m, inter = 10, 256
     gu = gate_up_like_gemm_output(m, inter, seed=7)
     m_indices = torch.tensor([0, 0, -1, 3, -1, -1, 2, 2, 2, -1], dtype=torch.int32)
     gu[m_indices < 0] = float("nan")
     gu[4, 5] = float("inf")
-    q, s = swiglu_quant(gu, L, m_indices)
+    q, s = on(device, swiglu_quant, gu, L, m_indices)
     pad = m_indices < 0
     assert q[pad].float().abs().sum().item() == 0.0
     assert bool((s[pad] == 2.0 ** -22).all())            # = quant_fp8 of a zero row: 1e-4 / 448 -> 2^-22
@@ -92,19 +98,19 @@ def test_padding_rows_are_never_read():
     assert torch.equal(s, s_ref) and (e4m3_order(q) - e4m3_order(q_ref)).abs().max().item() <= 1
 
 
-def test_empty_and_bad_input():
-    q, s = swiglu_quant(torch.empty(0, 256, dtype=torch.bfloat16), L)
+def test_empty_and_bad_input(device):
+    q, s = swiglu_quant(torch.empty(0, 256, dtype=torch.bfloat16, device=device), L)
     assert q.shape == (0, 128) and s.shape == (0, 1)
-    gu = torch.randn(4, 256)
+    gu = torch.randn(4, 256, device=device)
     with pytest.raises(ValueError, match="gate_up"):
-        swiglu_quant(torch.randn(4, 192), L)
+        swiglu_quant(torch.randn(4, 192, device=device), L)
     with pytest.raises(TypeError, match="gate_up"):
         swiglu_quant(gu.to(torch.float8_e4m3fn), L)
     with pytest.raises(ValueError, match="contiguous"):
-        swiglu_quant(torch.randn(256, 4).T, L)
+        swiglu_quant(torch.randn(256, 4, device=device).T, L)
     with pytest.raises(ValueError, match="limit"):
         swiglu_quant(gu, 0.0)
     with pytest.raises(ValueError, match="m_indices"):
-        swiglu_quant(gu, L, torch.zeros(3, dtype=torch.int32))
+        swiglu_quant(gu, L, torch.zeros(3, dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="m_indices"):
-        swiglu_quant(gu, L, torch.zeros(4))
+        swiglu_quant(gu, L, torch.zeros(4, device=device))
