@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dsv4lab-installed
 # torch is pinned on the command line: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 TORCH ?= torch==2.13.0
-EXTRAS ?= lab,test,triton
+EXTRAS ?= lab,test,triton,compile
 
 .PHONY: setup demo test lab report notebooks clean-venv
 
