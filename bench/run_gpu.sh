@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: unpack the .gpu bundle (and test wheels in .whl if carried), then run the named bench
 # scripts, each under its own time limit, writing <out>/<experiment>.jsonl and one combined log.
-# Usage on the GPU host:  bash bench/run_gpu.sh "$OUT" peaks pr41300_router_gemm ...   (or: tests:<pytest args>)
+# Usage on the GPU host:  bash bench/run_gpu.sh "$OUT" peaks pr41300_router_gemm:150 "name:limit:--script args" ...
+#                         (or "tests:<pytest args>")
 set -u
 out=${1:?out dir}; shift
 tmp=$(python3 -c 'import tempfile;print(tempfile.gettempdir())')
@@ -17,9 +18,10 @@ for job in "$@"; do
     echo "=== pytest ${job#tests:}" | tee -a "$log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider ${job#tests:} 2>&1 | tail -40 | tee -a "$log"
   else
-    name=${job%%:*}; lim=${job#*:}; [[ $lim == "$job" ]] && lim=240
-    echo "=== $name (limit ${lim}s)" | tee -a "$log"
-    timeout "$lim" python3 "bench/$name.py" --out "$out" 2>&1 | tail -60 | tee -a "$log"
+    IFS=: read -r name lim extra <<< "$job"; lim=${lim:-240}
+    echo "=== $name (limit ${lim}s) $extra" | tee -a "$log"
+    # shellcheck disable=SC2086  # extra holds the script's own arguments
+    timeout "$lim" python3 "bench/$name.py" --out "$out" $extra 2>&1 | tail -80 | tee -a "$log"
     echo "exit ${PIPESTATUS[0]}" | tee -a "$log"
     # later scripts read measured peaks through roofline.load_peaks() instead of measuring again
     if [[ $name == peaks && -f $out/peaks.jsonl ]]; then
