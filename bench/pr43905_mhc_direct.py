@@ -50,6 +50,12 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192, 16384]
 TORCH_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 TK_TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]   # tile_kernels may JIT per shape: fewer T
 GRAPH_MAX_T = 256
+VARIANT_KERNELS = ("pre_epi_v1", "head_epi_v1", "gemm24_bt128", "gemm4_bt128")
+# design sweep (step 4b): TUNING overrides, each timed per op at a few T, plus each kernel of the default alone
+VARIANTS = {"default": {}, "epilogue_v1": {"epilogue": "v1"}, "fused_v1": {"fused": "v1"},
+            "first_run": {"epilogue": "v1", "fused": "v1", "tokens_per_block_max": 8},
+            "gemm_bt128": {"gemm_block_tokens": 128}, "tpb32": {"tokens_per_block_max": 32}}
+VARIANT_TOKENS = [1, 4096, 16384]
 NUMERICS_TOKENS = [1, 3, 64, 1000, 4096]
 MIX_REL_TARGET = 1e-5
 TL_CACHE = "/tmp/dsv4lab_tilelang_cache"
@@ -136,7 +142,8 @@ def strict_fp32() -> None:
 
 # ---- warm-up jobs (each in its own process; results land in the on-disk caches) -------------------------
 def warm_jobs() -> list[str]:
-    jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")]
+    jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")
+            + VARIANT_KERNELS]
     return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
 
 
@@ -152,7 +159,12 @@ def tl_kernel(preset: str, kind: str):
             "fused": lambda: mhc_fused_post_pre.post_prenorm_gemm_kernel(d, arch),
             "pre_epi": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS),
             "head_epi": lambda: hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS),
-            "post": lambda: mhc_post.post_kernel(d, arch)}[kind]()
+            "post": lambda: mhc_post.post_kernel(d, arch),
+            "pre_epi_v1": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS,
+                                                              "v1"),
+            "head_epi_v1": lambda: hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, "v1"),
+            "gemm24_bt128": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch, block_tokens=128),
+            "gemm4_bt128": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 4, arch, block_tokens=128)}[kind]()
 
 
 def run_warm_job(job: str) -> dict[str, Any]:
@@ -250,49 +262,93 @@ def compiled_reference(op: str):
 
 
 class TileKernelsPeer:
-    """tile_kernels 2.1.0 set up to DSv4 semantics where its API allows (module docstring lists the gaps).
-    Tries its functional API (tile_kernels.modeling.mhc); ``api`` records which one was found."""
+    """tile_kernels 2.1.0 (``tile_kernels.mhc``) set up to DSv4 semantics where its API allows (module docstring
+    lists the gaps). Its pre is two calls: DeepGEMM's ``tf32_hc_prenorm_gemm`` (split-K partials), then
+    ``mhc_pre_big_fuse_fwd``; hc_head = the same GEMM (fn zero-padded to 24 rows), a torch reduction of the
+    partials, ``mhc_head_compute_mix_fwd`` and ``mhc_pre_apply_mix_fwd``. If DeepGEMM's GEMM fails, the partials
+    come from torch (one split) and ``notes`` says so. ``api`` names what was found."""
+
+    N_SPLITS = 16   # mhc_pre_big_fuse_fwd's default split count
 
     def __init__(self) -> None:
         import torch
 
         self.torch = torch
-        self.api, self.notes = None, []
+        self.notes: list[str] = []
         try:
-            from tile_kernels.modeling.mhc import functional as tkf
-            from tile_kernels.modeling.mhc.ops.post import mhc_post as tk_post
-            self.pre, self.head, self.post = tkf.mhc_pre, tkf.mhc_head, tk_post
-            self.api = "tile_kernels.modeling.mhc.functional"
+            import tile_kernels.mhc as tkm
         except Exception as e:
-            raise RuntimeError(f"tile_kernels functional mHC API not importable: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"tile_kernels.mhc not importable: {type(e).__name__}: {e}") from e
+        self.tkm, self.api = tkm, "tile_kernels.mhc (2.1.0 low-level API)"
         try:
-            import deep_gemm  # noqa: F401
-            self.notes.append("deep_gemm importable: its pre may run tf32_hc_prenorm_gemm (TF32)")
-        except Exception:
-            self.notes.append("no deep_gemm: tile_kernels' own prenorm GEMM")
+            import deep_gemm
+            self.gemm = deep_gemm.tf32_hc_prenorm_gemm
+            self.notes.append("prenorm GEMM: deep_gemm.tf32_hc_prenorm_gemm (TF32, ~1e-3 on the mixes)")
+        except Exception as e:
+            self.gemm = None
+            self.notes.append(f"prenorm GEMM: torch fp32 (deep_gemm unavailable: {type(e).__name__}: {e})")
+        self._head_fn: dict[int, Any] = {}
+
+    def partials(self, residual, fn):
+        """(out_mul [S, T, 24], out_sqrsum [S, T]) of flatten(residual) against fn [24, nD]."""
+        torch = self.torch
+        t = residual.shape[0]
+        x = residual.view(t, -1)
+        if self.gemm is not None:
+            try:
+                s = self.N_SPLITS
+                mul = torch.empty(s, t, fn.shape[0], dtype=torch.float32, device=x.device)
+                sq = torch.empty(s, t, dtype=torch.float32, device=x.device)
+                self.gemm(x, fn, mul, sq, s)
+                return mul, sq
+            except Exception as e:   # record once, then use the torch partials
+                self.gemm = None
+                self.notes.append(f"deep_gemm.tf32_hc_prenorm_gemm failed ({type(e).__name__}: {str(e)[:200]}); "
+                                  "torch fp32 partials instead")
+        xf = x.float()
+        return (xf @ fn.T).unsqueeze(0), xf.pow(2).sum(-1).unsqueeze(0)
+
+    def pre(self, residual, fn, scale, base):
+        torch = self.torch
+        t, n, d = residual.shape
+        mul, sq = self.partials(residual, fn)
+        post = torch.empty(t, n, dtype=torch.float32, device=residual.device)
+        comb = torch.empty(t, n * n, dtype=torch.float32, device=residual.device)
+        layer_input = torch.empty(t, d, dtype=torch.bfloat16, device=residual.device)
+        self.tkm.mhc_pre_big_fuse_fwd(mul, sq, scale, base, residual, post, comb, layer_input, RMS_EPS, HC_EPS,
+                                      HC_EPS, POST_MULT, ITERS, n_splits=mul.shape[0])
+        return layer_input, post, comb.view(t, n, n)
+
+    def head(self, residual, fn, scale, base):
+        torch = self.torch
+        t, n, d = residual.shape
+        key = fn.data_ptr()
+        if key not in self._head_fn:   # its prenorm GEMM is built for 24 rows: zero-pad the 4 head rows
+            self._head_fn = {key: torch.cat([fn, fn.new_zeros(24 - fn.shape[0], fn.shape[1])]).contiguous()}
+        mul, sq = self.partials(residual, self._head_fn[key])
+        mix = (mul.sum(0)[:, :n] * torch.rsqrt(sq.sum(0) / (n * d) + RMS_EPS).unsqueeze(-1)).contiguous()
+        pre = torch.empty(t, n, dtype=torch.float32, device=residual.device)
+        self.tkm.mhc_head_compute_mix_fwd(mix, scale, base, pre, HC_EPS)
+        out = torch.empty(t, d, dtype=torch.bfloat16, device=residual.device)
+        self.tkm.mhc_pre_apply_mix_fwd(residual, pre, out)
+        return out
 
     def call(self, op: str, c: dict):
-        torch = self.torch
-        with torch.inference_mode():   # its pre takes the fused big_fuse path only without grad
+        with self.torch.inference_mode():
             if op == "mhc_pre":
-                x, (post, comb) = self.pre(c["residual"], c["fn"], c["scale"], c["base"], norm_eps=RMS_EPS,
-                                           post_mult_value=POST_MULT, pre_eps=HC_EPS, sinkhorn_eps=HC_EPS,
-                                           sinkhorn_repeat=ITERS)
-                return x, post.reshape(post.shape[0], -1), comb.reshape(comb.shape[0], 4, 4)
+                return self.pre(c["residual"], c["fn"], c["scale"], c["base"])
             if op == "mhc_post":
                 return self._post(c["f"], c["residual"], c["post"], c["comb"])
             if op == "mhc_fused_post_pre":   # no fused kernel there: its post, then its pre
                 r = self._post(c["f"], c["residual"], c["post"], c["comb"])
-                x, (post, comb) = self.pre(r, c["fn"], c["scale"], c["base"], norm_eps=RMS_EPS,
-                                           post_mult_value=POST_MULT, pre_eps=HC_EPS, sinkhorn_eps=HC_EPS,
-                                           sinkhorn_repeat=ITERS)
-                return r, x, post.reshape(post.shape[0], -1), comb.reshape(comb.shape[0], 4, 4)
-            return self.head(c["residual"], c["head_fn"], c["head_scale"], c["head_base"], norm_eps=RMS_EPS,
-                             pre_eps=HC_EPS)
+                return (r, *self.pre(r, c["fn"], c["scale"], c["base"]))
+            return self.head(c["residual"], c["head_fn"], c["head_scale"], c["head_base"])
 
     def _post(self, f, residual, post, comb):
-        out = self.post(f.unsqueeze(0), residual.unsqueeze(0), post.unsqueeze(0).unsqueeze(-1), comb.unsqueeze(0))
-        return out.squeeze(0)
+        t, n, d = residual.shape
+        out = self.tkm.mhc_post_fwd(f.view(1, t, d), residual.view(1, t, n, d), post.view(1, t, n, 1),
+                                    comb.view(1, t, n, n))
+        return out.view(t, n, d)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -464,7 +520,8 @@ def empty_tokens(R: Runner, preset: str) -> list[dict]:
 
 
 def time_case(R: Runner, preset: str, op: str, t: int, backend: str, fn: Callable, peaks, graph: bool,
-              **extra) -> list[dict]:
+              keep: bool = True, **extra) -> list[dict]:
+    """One timing record; ``keep`` False leaves the summary table (R.times) alone (design sweep)."""
     from dsv4lab.config import get_config
     from dsv4lab.lab import roofline, timing
 
@@ -476,8 +533,71 @@ def time_case(R: Runner, preset: str, op: str, t: int, backend: str, fn: Callabl
     rec = tm.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op=op, backend=backend,
                        variant="graph" if graph else "eager", preset=preset, tokens=t, dtype="bfloat16",
                        gb_per_s=cost.bytes / (tm.p50 * 1e-6) / 1e9, **extra)
-    R.times[(preset, op, t, backend, rec["variant"], extra.get("norm_weight", True))] = tm.p50
+    if keep:
+        R.times[(preset, op, t, backend, rec["variant"], extra.get("norm_weight", True))] = tm.p50
     return [rec]
+
+
+def design_sweep(R: Runner, preset: str, t: int, peaks, available: dict) -> list[dict]:
+    """Step 4b: (1) each kernel of the default design alone (where the op's time goes), (2) every op under each
+    TUNING variant of VARIANTS (variant name in ``variant``; graph replay at T = 1, CUDA events otherwise)."""
+    import torch
+
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import hc_head, mhc_post, mhc_pre
+
+    c, recs = make_case(preset, t, "cuda", seed=t), []
+    r, d, dev, graph = c["residual"], c["residual"].shape[2], torch.device("cuda"), t == 1
+    arch = common.device_arch()
+    tpb = common.tokens_per_block(t, common.sm_count(0))
+    for n_mix, fn, name in ((24, c["fn"], "prenorm_gemm24"), (4, c["head_fn"], "prenorm_gemm4")):
+        s = mhc_pre.gemm_splits(t, 4 * d, dev)
+        mp, sq = torch.empty(s, t, n_mix, device=dev), torch.empty(s, t, device=dev)
+        k = mhc_pre.gemm_kernel(4 * d, n_mix, dev)
+        recs += time_case(R, preset, "mhc_pre" if n_mix == 24 else "hc_head", t, "tilelang",
+                          lambda: k(r.view(t, -1), fn, mp, sq), peaks, graph, keep=False, stage=name, n_splits=s)
+        if n_mix == 24:
+            li, po, co = torch.empty(t, d, dtype=torch.bfloat16, device=dev), torch.empty(t, 4, device=dev), \
+                torch.empty(t, 4, 4, device=dev)
+            recs += time_case(R, preset, "mhc_pre", t, "tilelang", lambda: mhc_pre.run_pre_epilogue(
+                mp, sq, r, c["scale"], c["base"], c["norm_weight"], (RMS_EPS, HC_EPS, POST_MULT, ITERS), li, po, co),
+                peaks, graph, keep=False, stage="pre_epilogue", n_splits=s, tokens_per_block=tpb)
+        else:
+            out = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
+            ek = hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, common.TUNING["epilogue"])
+            recs += time_case(R, preset, "hc_head", t, "tilelang", lambda: ek(
+                mp, sq, r, c["head_scale"], c["head_base"], out, tpb), peaks, graph, keep=False, stage="head_epilogue",
+                n_splits=s, tokens_per_block=tpb)
+    recs += time_case(R, preset, "mhc_post", t, "tilelang", lambda: mhc_post.mhc_post(
+        c["f"], r, c["post"], c["comb"]), peaks, graph, keep=False, stage="post")
+    for rec in recs:   # stage timings: the op's roofline does not apply to one kernel of it
+        rec["variant"], rec["metric"] = f"stage:{rec['stage']}", "stage_time"
+        for k in ("pct_of_peak", "bytes", "flops", "intensity", "bound", "gb_per_s", "peak"):
+            rec.pop(k, None)   # the op's roofline bytes do not describe one kernel of it
+        R.summary.append(f"stage time {rec['stage']:<16} {preset:<5} T={t:<6} {rec['value']:9.1f} us")
+    saved = dict(common.TUNING)
+    try:
+        for vname, over in VARIANTS.items():
+            common.TUNING.update(over)
+            for op in OPS:
+                if not available[op] or (op == "mhc_post") or (vname == "fused_v1" and op != "mhc_fused_post_pre"):
+                    continue
+                try:
+                    rec = time_case(R, preset, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, graph,
+                                    keep=False)[0]
+                    rec["variant"], rec["design"], rec["tuning"] = f"design:{vname}", vname, dict(common.TUNING)
+                    recs.append(rec)
+                    R.summary.append(f"design {vname:<12} {op:<19} {preset:<5} T={t:<6} {rec['value']:9.1f} us "
+                                     f"{(rec.get('pct_of_peak') or 0):5.1f}%")
+                except Exception as e:
+                    recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "error", None, None,
+                                      message=f"{type(e).__name__}: {str(e)[:400]}", design=vname))
+            common.TUNING.clear()
+            common.TUNING.update(saved)
+    finally:
+        common.TUNING.clear()
+        common.TUNING.update(saved)
+    return recs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,6 +780,12 @@ def main(argv: list[str] | None = None) -> int:
                             norm_weight=op == "hc_head"), op=op, backend="tile_kernels", preset=p, tokens=t,
                             min_left=5)
             del c
+    # pass A2: where the time goes (each kernel alone) and the design variants (VARIANTS), both presets
+    if not dry:
+        for t in VARIANT_TOKENS:
+            for p in args.presets:
+                R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, available),
+                          preset=p, tokens=t, min_left=15)
     # pass B: torch eager reference; pass C: torch.compile(dynamic=True) of it (compiles first: warm-up cached it)
     compiled: dict[str, Any] = {}
     for backend in ("torch",) + (() if dry else ("torch.compile",)):
@@ -687,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
             ratio_recs.append(R.rec(op, "tilelang", variant, p, t, "speedup_vs_tile_kernels", "x", peer / us,
                                     norm_weight=norm, target=0.9 if t >= 1024 else None))
     R.save(ratio_recs)
+    if tk:   # notes gathered while running (e.g. a DeepGEMM fallback)
+        R.save([R.rec("-", "tile_kernels", "api_final", None, None, "tk_semantics", None, tk.api, notes=tk.notes)])
+        print("tile_kernels notes:", "; ".join(tk.notes))
 
     # ---- summary -----------------------------------------------------------------------------------------------
     print("\n".join(R.summary))

@@ -108,12 +108,11 @@ def install(setattr_) -> None:
     setattr_(common, "check_cuda_layout", layout_without_device)
     setattr_(common, "sm_count", lambda index: 132)
     gemm = lambda nd, n_mix, arch, **kw: Emulated(tl_pre.prenorm_gemm_func(nd, n_mix), emu_gemm)   # noqa: E731
-    for mod in (tl_pre, tl_head):
-        setattr_(mod, "prenorm_gemm_kernel", gemm)
-    setattr_(tl_pre, "pre_epilogue_kernel", lambda d, arch, nd, re, he, pm, it: Emulated(
-        tl_pre.pre_epilogue_func(d, nd, re, he, pm, it), emu_pre_epilogue(nd, re, he, pm, it)))
-    setattr_(tl_head, "head_epilogue_kernel", lambda d, arch, re, he: Emulated(
-        tl_head.head_epilogue_func(d, re, he), emu_head_epilogue(re, he)))
+    setattr_(tl_pre, "prenorm_gemm_kernel", gemm)   # hc_head reaches it through mhc_pre.gemm_kernel
+    setattr_(tl_pre, "pre_epilogue_kernel", lambda d, arch, nd, re, he, pm, it, design="v2": Emulated(
+        tl_pre.pre_epilogue_func(d, nd, re, he, pm, it, design), emu_pre_epilogue(nd, re, he, pm, it)))
+    setattr_(tl_head, "head_epilogue_kernel", lambda d, arch, re, he, design="v2": Emulated(
+        tl_head.head_epilogue_func(d, re, he, design), emu_head_epilogue(re, he)))
     setattr_(tl_post, "post_kernel", lambda d, arch: Emulated(tl_post.post_func(d), emu_post))
     setattr_(tl_fused, "post_prenorm_gemm_kernel", lambda d, arch, **kw: Emulated(
         tl_fused.post_prenorm_gemm_func(d), emu_fused_gemm))

@@ -68,6 +68,26 @@ def test_epilogues_and_post_compile() -> None:
     assert "uint4" in post              # 16-byte vector loads of the residual
 
 
+@needs_compiler
+def test_epilogue_designs_compile() -> None:
+    """v2 (default) sums every split of a (token, mix) element in one thread: a loop over n_splits with no
+    barrier inside; v1 (first H100 run) keeps its per-token block reduction (more barriers)."""
+    v2 = tl_pre.pre_epilogue_kernel(D_TOY, ARCH, "bfloat16", 1e-6, 1e-6, 2.0, 20, "v2").get_kernel_source()
+    v1 = tl_pre.pre_epilogue_kernel(D_TOY, ARCH, "bfloat16", 1e-6, 1e-6, 2.0, 20, "v1").get_kernel_source()
+    assert v2.count("for (int s = 0; s < n_splits; ++s)") == 1
+    assert v1.count("__syncthreads") > v2.count("__syncthreads")
+    head = tl_head.head_epilogue_kernel(D_TOY, ARCH, 1e-6, 1e-6, "v2").get_kernel_source()
+    assert "for (int s = 0; s < n_splits; ++s)" in head
+
+
+def test_unknown_epilogue_design_rejected() -> None:
+    pytest.importorskip("tilelang")
+    with pytest.raises(ValueError, match="design"):
+        tl_pre.pre_epilogue_func(D_TOY, None, 1e-6, 1e-6, 2.0, 20, "v3")
+    with pytest.raises(ValueError, match="design"):
+        tl_head.head_epilogue_func(D_TOY, 1e-6, 1e-6, "v3")
+
+
 # ---- launch heuristics (pure Python) ------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens", [1, 3, 64, 65, 1000, 4096, 16384])
 @pytest.mark.parametrize("n_chunks", [256, 448])   # Flash nD/64, Pro nD/64
@@ -303,3 +323,22 @@ def test_launchers_pro_width_single_token() -> None:
     residual, fn, scale, base, w = _pre_args(1, d=7168)
     for got, want in zip(tl_pre.mhc_pre(residual, fn, scale, base, w), ref.mhc_pre(residual, fn, scale, base, w)):
         _close(got, want)
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("fused", ["post_then_pre", "v1"])
+@pytest.mark.parametrize("epilogue", ["v2", "v1"])
+def test_fused_and_epilogue_designs_match_reference(monkeypatch, fused: str, epilogue: str) -> None:
+    """Both fused designs and both epilogue designs launch with valid arguments; the default fused design's new
+    residual IS mhc_post's (bitwise), the contract the v1 kernel only met to a bf16 ulp."""
+    from dsv4lab.kernels.reference import mhc as ref
+
+    monkeypatch.setitem(common.TUNING, "fused", fused)
+    monkeypatch.setitem(common.TUNING, "epilogue", epilogue)
+    residual, fn, scale, base, w = _pre_args(37)
+    f, _, post, comb = _post_args(37)
+    got = tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)
+    for g, want in zip(got, ref.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)):
+        _close(g, want)
+    if fused == "post_then_pre":
+        assert torch.equal(got[0], tl_post.mhc_post(f, residual, post, comb))

@@ -29,10 +29,13 @@ NORM_WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
 # Launch heuristics; the bench may override them (e.g. TUNING["tokens_per_block_max"] = 1).
 TUNING = {
     "gemm_block_tokens": 64,      # token tile of the prenorm GEMM (one wgmma warpgroup: M = 64)
+    "gemm_stages": 4,             # TMA pipeline depth of the prenorm GEMM
     "gemm_min_chunks": 2,         # fewest K-chunks (64 each) a split-K block handles, so its pipeline overlaps
     "blocks_per_sm": 1,           # the GEMM runs 1 block per SM (warp-specialised, 255 registers at launch)
-    "tokens_per_block_max": 8,    # epilogue: tokens per block at large T (one thread per token does Sinkhorn)
+    "tokens_per_block_max": 16,   # epilogue: tokens per block at large T (one thread per token does Sinkhorn)
     "epilogue_blocks_per_sm": 8,  # epilogue: aim for this many blocks per SM before packing tokens
+    "epilogue": "v2",             # "v2": splits reduced for all the block's tokens at once; "v1": token by token
+    "fused": "post_then_pre",     # mhc_fused_post_pre: "post_then_pre" (mhc_post kernel + mhc_pre) or "v1"
 }
 
 

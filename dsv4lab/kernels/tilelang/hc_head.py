@@ -17,18 +17,18 @@ import torch
 from dsv4lab.kernels.reference import _checks as chk
 
 from . import _mhc_common as common
-from .mhc_pre import (EPILOGUE_THREADS, MAX_TOKENS_PER_BLOCK, MIX_LANES, SPLIT_LANES, gemm_splits,
-                      prenorm_gemm_kernel, split_reduce_macro)
+from .mhc_pre import (EPILOGUE_THREADS, MAX_TOKENS_PER_BLOCK, MIX_LANES, SPLIT_LANES, block_reduce_macro,
+                      gemm_kernel, gemm_splits, split_reduce_macro)
 
 
 @functools.lru_cache(maxsize=None)
-def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float):
+def head_epilogue_kernel(d: int, arch: str, rms_eps: float, hc_eps: float, design: str = "v2"):
     """``head_epilogue_func`` compiled for ``arch``."""
-    return common.compile_kernel(head_epilogue_func(d, rms_eps, hc_eps), arch)
+    return common.compile_kernel(head_epilogue_func(d, rms_eps, hc_eps, design), arch)
 
 
 @functools.lru_cache(maxsize=None)
-def head_epilogue_func(d: int, rms_eps: float, hc_eps: float):
+def head_epilogue_func(d: int, rms_eps: float, hc_eps: float, design: str = "v2"):
     """TileLang prim_func of the hc_head epilogue for hidden size ``d`` (n = 4). Arguments: mix_part [S, T, 4], sq_part [S, T],
     residual [T, 4, d] bf16, scale [1], base [4], out [T, d] bf16 (out), tokens_per_block (int32 scalar)."""
     import tilelang.language as T
@@ -37,7 +37,10 @@ def head_epilogue_func(d: int, rms_eps: float, hc_eps: float):
     nd = n * d
     num_tokens = T.dynamic("num_tokens")
     n_splits = T.dynamic("n_splits")
+    if design not in ("v1", "v2"):
+        raise ValueError(f"design: expected 'v1' or 'v2', got {design!r}")
     reduce_splits = split_reduce_macro(n)
+    reduce_block = block_reduce_macro(n)   # v2: all the block's tokens at once (see mhc_pre)
 
     @T.prim_func
     def head_epilogue(mix_part: T.Tensor((n_splits, num_tokens, n), "float32"),
@@ -53,9 +56,12 @@ def head_epilogue_func(d: int, rms_eps: float, hc_eps: float):
             mixes = T.alloc_shared((MAX_TOKENS_PER_BLOCK, MIX_LANES), "float32")
             pre_s = T.alloc_shared((MAX_TOKENS_PER_BLOCK, n), "float32")
             t0 = (T.ceildiv(num_tokens, tokens_per_block) - 1 - bx) * tokens_per_block
-            for tok in T.serial(tokens_per_block):
-                if t0 + tok < num_tokens:
-                    reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            if design == "v1":
+                for tok in T.serial(tokens_per_block):
+                    if t0 + tok < num_tokens:
+                        reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            else:
+                reduce_block(mix_part, sq_part, n_splits, t0, tokens_per_block, num_tokens, mixes)
             T.sync_threads()
             for tok, i in T.Parallel(MAX_TOKENS_PER_BLOCK, n):
                 if tok < tokens_per_block:
@@ -90,9 +96,10 @@ def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> No
     splits = gemm_splits(t, n * d, dev)
     mix_part = torch.empty(splits, t, n, dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
-    prenorm_gemm_kernel(n * d, n, arch)(residual.view(t, n * d), fn, mix_part, sq_part)
+    gemm_kernel(n * d, n, dev)(residual.view(t, n * d), fn, mix_part, sq_part)
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(dev.index or 0)))
-    head_epilogue_kernel(d, arch, rms_eps, hc_eps)(mix_part, sq_part, residual, scale, base, out, tpb)
+    head_epilogue_kernel(d, arch, rms_eps, hc_eps, common.TUNING["epilogue"])(mix_part, sq_part, residual, scale,
+                                                                              base, out, tpb)
 
 
 def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,

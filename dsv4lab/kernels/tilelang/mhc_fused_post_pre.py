@@ -5,7 +5,17 @@
 
 The pre half reads the ROUNDED new residual, exactly like the reference (``mhc_post`` then ``mhc_pre``).
 
-Two kernels:
+Design (``_mhc_common.TUNING["fused"]``):
+
+"post_then_pre" (default since the first H100 run): the ``mhc_post`` kernel, then ``mhc_pre`` on its output
+(three launches). The new residual is bitwise mhc_post's by construction (the v1 kernel's could differ by a bf16
+ulp: nvcc contracts its fp32 expression into FMAs differently), and each kernel runs at its own speed: on the
+H100 mhc_post streamed at 92-96% of copy bandwidth while the v1 fused GEMM (16-column TMA boxes, 32-byte
+scattered stores of the new residual from registers) made the fused op SLOWER than post + pre (1589 us vs
+422 + 605 us, Flash, T = 16384). Bytes: post 18TD + pre 18TD (two-pass) = 36TD against roofline row 4's
+~20TD, so this caps at ~55% of bandwidth and should land near (18 + 18) / (18 / 0.94 + 18 / e_pre) of it.
+
+"v1" (the first run's kernels, kept for comparison):
 1. ``post_prenorm_gemm_kernel``: the prenorm GEMM of ``mhc_pre`` with the post computed in its prologue.
    A pipeline stage covers 16 columns of D for all 4 streams (K = 64): TMA brings f [64 tokens, 16],
    R [64, 4, 16] and fn [24, 4, 16]; the consumer warpgroup forms the bf16 new residual tile (written to
@@ -21,7 +31,8 @@ import functools
 import torch
 
 from . import _mhc_common as common
-from .mhc_pre import MAX_SPLITS, check_pre_inputs, gemm_splits, padded_columns, run_pre_epilogue
+from .mhc_post import mhc_post
+from .mhc_pre import MAX_SPLITS, check_pre_inputs, gemm_splits, mhc_pre, padded_columns, run_pre_epilogue
 
 BLOCK_D = 16        # columns of D per pipeline stage; x 4 streams = K 64 (128-byte bf16 rows of the A tile)
 STAGES = 3
@@ -134,6 +145,11 @@ def mhc_fused_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tens
     post_out = torch.empty(t, n, dtype=torch.float32, device=dev)
     comb_out = torch.empty(t, n, n, dtype=torch.float32, device=dev)
     if t == 0:
+        return new_residual, layer_input, post_out, comb_out
+    if common.TUNING["fused"] == "post_then_pre":
+        new_residual = mhc_post(f, residual, post, comb)
+        layer_input, post_out, comb_out = mhc_pre(new_residual, fn, scale, base, norm_weight, rms_eps=rms_eps,
+                                                  hc_eps=hc_eps, post_mult=post_mult, sinkhorn_iters=sinkhorn_iters)
         return new_residual, layer_input, post_out, comb_out
     splits = gemm_splits(t, n * d, dev)  # d / 16 chunks here = n d / 64 there: the same divisors
     assert splits <= MAX_SPLITS

@@ -30,6 +30,15 @@ unless a block keeps its tokens on chip; a block of a few tokens would then re-s
 Flash / 2.75 MB Pro) from L2 per few tokens, ~12x the residual traffic. Minimum HBM traffic is 10TD bytes
 (roofline row 2); this design moves ~18TD at large T (the second R read misses L2 beyond ~1-2k tokens).
 
+Epilogue designs (``_mhc_common.TUNING["epilogue"]``): "v2" (default) sums the splits of all the block's
+tokens at once (thread (token, mix) loops over the splits: no per-token block-wide tree and barrier) and packs
+up to 16 tokens per block (Sinkhorn on one thread per token, all the block's tokens in parallel, so its ~2k
+dependent instructions cost one latency per block, not per token); "v1" = the first H100 run. Expected: this
+op stays a two-pass design, 18TD bytes against the 10TD minimum, so it caps at ~55% of copy bandwidth at large
+T; hc_head (the same structure, 4 mixes) measured 447 us at Flash T = 16384, ~90% of that 18TD cap, which is
+what pre can reach if its epilogue and 24-mix GEMM stream as well (the bench's design sweep times each kernel
+alone to show which one does not). T = 1: up to 128 splits (was 32) so fn is streamed by 128 blocks.
+
 Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
 dimensions, so one compile per (D, norm flavour) serves every T.
 """
@@ -43,10 +52,10 @@ from . import _mhc_common as common
 
 BLOCK_K = 64            # K elements per pipeline stage of the prenorm GEMM (128-byte bf16 rows)
 GEMM_STAGES = 4
-MAX_SPLITS = 32         # the epilogue reduces splits 8 at a time; 32 keeps that to <= 4 rounds
-SPLIT_LANES = 8         # epilogue: splits reduced in parallel
+MAX_SPLITS = 128        # T = 1: up to 128 split blocks of 2 chunks each stream fn (1.5 MB Flash) in parallel
+SPLIT_LANES = 8         # v1 epilogue: splits reduced in parallel
 MIX_LANES = 32          # epilogue: lanes for the 24 (or 4) mixes + the sum of squares
-MAX_TOKENS_PER_BLOCK = 8
+MAX_TOKENS_PER_BLOCK = 32
 EPILOGUE_THREADS = 256
 
 
@@ -146,20 +155,48 @@ def split_reduce_macro(n_mix: int):
     return reduce_splits
 
 
+def block_reduce_macro(n_mix: int):
+    """T.macro (v2 epilogue): ``mixes[tok, 0:n_mix]`` and ``mixes[tok, n_mix]`` (sum of squares) for ALL the
+    block's tokens at once: thread (tok, m) sums its element over the splits in split order (no tree, no
+    per-token barrier); one pass of coalesced loads per split instead of one block-wide reduction per token."""
+    import tilelang.language as T
+
+    @T.macro
+    def reduce_block(mix_part, sq_part, n_splits, t0, tokens_per_block, num_tokens, mixes):
+        for tok, m in T.Parallel(MAX_TOKENS_PER_BLOCK, MIX_LANES):
+            mixes[tok, m] = 0.0
+        for s in T.serial(n_splits):
+            for tok, m in T.Parallel(MAX_TOKENS_PER_BLOCK, MIX_LANES):
+                if tok < tokens_per_block and t0 + tok < num_tokens:
+                    if m < n_mix:
+                        mixes[tok, m] += mix_part[s, t0 + tok, m]
+                    elif m == n_mix:
+                        mixes[tok, m] += sq_part[s, t0 + tok]
+
+    return reduce_block
+
+
 @functools.lru_cache(maxsize=None)
 def pre_epilogue_kernel(d: int, arch: str, norm_dtype: str | None, rms_eps: float, hc_eps: float,
-                        post_mult: float, sinkhorn_iters: int):
+                        post_mult: float, sinkhorn_iters: int, design: str = "v2"):
     """``pre_epilogue_func`` compiled for ``arch``."""
-    return common.compile_kernel(pre_epilogue_func(d, norm_dtype, rms_eps, hc_eps, post_mult, sinkhorn_iters), arch)
+    return common.compile_kernel(pre_epilogue_func(d, norm_dtype, rms_eps, hc_eps, post_mult, sinkhorn_iters,
+                                                   design), arch)
 
 
 @functools.lru_cache(maxsize=None)
 def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: float, post_mult: float,
-                      sinkhorn_iters: int):
+                      sinkhorn_iters: int, design: str = "v2"):
     """TileLang prim_func of the mhc_pre epilogue for hidden size ``d`` (n = 4). ``norm_dtype`` None: no RMSNorm (the
     ``norm_weight`` argument is then ignored). Arguments: mix_part [S, T, 24], sq_part [S, T], residual
     [T, 4, d] bf16, scale [3], base [24], norm_weight [d], layer_input [T, d] bf16 (out), post [T, 4] (out),
-    comb [T, 4, 4] (out), tokens_per_block (int32 scalar, <= MAX_TOKENS_PER_BLOCK)."""
+    comb [T, 4, 4] (out), tokens_per_block (int32 scalar, <= MAX_TOKENS_PER_BLOCK).
+
+    ``design``: "v2" (default) reduces the splits of all the block's tokens at once (``block_reduce_macro``);
+    "v1" (the first H100 run) reduces them token by token with a block-wide tree. Both then run Sinkhorn on one
+    thread per token (all the block's tokens in parallel) and the collapse + RMSNorm token by token."""
+    if design not in ("v1", "v2"):
+        raise ValueError(f"design: expected 'v1' or 'v2', got {design!r}")
     import tilelang.language as T
 
     n = common.HC_MULT
@@ -168,6 +205,7 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
     num_tokens = T.dynamic("num_tokens")
     n_splits = T.dynamic("n_splits")
     reduce_splits = split_reduce_macro(n_mix)
+    reduce_block = block_reduce_macro(n_mix)
     w_dtype = norm_dtype or "bfloat16"
 
     @T.prim_func
@@ -195,9 +233,12 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
             # reverse block order: the first epilogue blocks read the tokens the GEMM streamed last (in L2)
             t0 = (T.ceildiv(num_tokens, tokens_per_block) - 1 - bx) * tokens_per_block
 
-            for tok in T.serial(tokens_per_block):
-                if t0 + tok < num_tokens:
-                    reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            if design == "v1":
+                for tok in T.serial(tokens_per_block):
+                    if t0 + tok < num_tokens:
+                        reduce_splits(mix_part, sq_part, n_splits, t0 + tok, tok, lanes, lane_sum, mixes)
+            else:
+                reduce_block(mix_part, sq_part, n_splits, t0, tokens_per_block, num_tokens, mixes)
             T.sync_threads()
 
             # one thread per token: mixes, sigmoid, Sinkhorn (dsv4-layers.md 2.3, reference order)
@@ -300,10 +341,16 @@ def run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scal
     rms_eps, hc_eps, post_mult, iters = scalars
     arch = common.device_arch(residual.device)
     norm_dtype = None if norm_weight is None else str(norm_weight.dtype).removeprefix("torch.")
-    kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters)
+    kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters, common.TUNING["epilogue"])
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(residual.device.index or 0)))
     kernel(mix_part, sq_part, residual, scale, base, _weight_or_placeholder(norm_weight, d, residual.device),
            layer_input, post, comb, tpb)
+
+
+def gemm_kernel(nd: int, n_mix: int, device: torch.device):
+    """The prenorm GEMM for the current ``TUNING`` (token tile ``gemm_block_tokens``, ``gemm_stages``)."""
+    return prenorm_gemm_kernel(nd, n_mix, common.device_arch(device), block_tokens=common.TUNING["gemm_block_tokens"],
+                               stages=common.TUNING["gemm_stages"])
 
 
 def gemm_splits(t: int, nd: int, device: torch.device) -> int:
@@ -328,7 +375,7 @@ def mhc_pre(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     splits = gemm_splits(t, n * d, dev)
     mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
-    prenorm_gemm_kernel(n * d, fn.shape[0], common.device_arch(dev))(residual.view(t, n * d), fn, mix_part, sq_part)
+    gemm_kernel(n * d, fn.shape[0], dev)(residual.view(t, n * d), fn, mix_part, sq_part)
     run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb)
     return layer_input, post, comb
 
