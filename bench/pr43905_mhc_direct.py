@@ -52,7 +52,8 @@ TK_TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]   # tile_kernels may JI
 GRAPH_MAX_T = 256
 VARIANT_KERNELS = ("pre_epi_v1", "head_epi_v1", "gemm24_bt128", "gemm4_bt128")
 # design sweep (step 4b): TUNING overrides, each timed per op at a few T, plus each kernel of the default alone
-VARIANTS = {"default": {}, "epilogue_v1": {"epilogue": "v1"}, "fused_v1": {"fused": "v1"},
+VARIANTS = {"default": {}, "epilogue_v1": {"epilogue": "v1"}, "epilogue_v2": {"epilogue": "v2"},
+            "fused_v1": {"fused": "v1"}, "splits64": {"max_splits": 64},
             "first_run": {"epilogue": "v1", "fused": "v1", "tokens_per_block_max": 8},
             "gemm_bt128": {"gemm_block_tokens": 128}, "tpb32": {"tokens_per_block_max": 32}}
 VARIANT_TOKENS = [1, 4096, 16384]
@@ -564,7 +565,7 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, available: dict) -> list
                 peaks, graph, keep=False, stage="pre_epilogue", n_splits=s, tokens_per_block=tpb)
         else:
             out = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
-            ek = hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, common.TUNING["epilogue"])
+            ek = hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, mhc_pre.epilogue_design(s))
             recs += time_case(R, preset, "hc_head", t, "tilelang", lambda: ek(
                 mp, sq, r, c["head_scale"], c["head_base"], out, tpb), peaks, graph, keep=False, stage="head_epilogue",
                 n_splits=s, tokens_per_block=tpb)

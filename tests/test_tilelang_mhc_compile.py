@@ -342,3 +342,13 @@ def test_fused_and_epilogue_designs_match_reference(monkeypatch, fused: str, epi
         _close(g, want)
     if fused == "post_then_pre":
         assert torch.equal(got[0], tl_post.mhc_post(f, residual, post, comb))
+
+
+@pytest.mark.parametrize("splits,want", [(1, "v2"), (4, "v2"), (5, "v1"), (32, "v1")])
+def test_auto_epilogue_design_keeps_v1_for_many_splits(monkeypatch, splits: int, want: str) -> None:
+    """v2 loops over the splits one dependent load at a time: "auto" uses it only where splits are few."""
+    monkeypatch.setitem(common.TUNING, "epilogue", "auto")
+    monkeypatch.setitem(common.TUNING, "v2_max_splits", 4)
+    assert tl_pre.epilogue_design(splits) == want
+    monkeypatch.setitem(common.TUNING, "epilogue", "v2")
+    assert tl_pre.epilogue_design(splits) == "v2"

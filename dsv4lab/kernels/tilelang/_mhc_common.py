@@ -34,7 +34,10 @@ TUNING = {
     "blocks_per_sm": 1,           # the GEMM runs 1 block per SM (warp-specialised, 255 registers at launch)
     "tokens_per_block_max": 16,   # epilogue: tokens per block at large T (one thread per token does Sinkhorn)
     "epilogue_blocks_per_sm": 8,  # epilogue: aim for this many blocks per SM before packing tokens
-    "epilogue": "v2",             # "v2": splits reduced for all the block's tokens at once; "v1": token by token
+    "max_splits": 32,             # split-K bound (the first run's value; <= mhc_pre.MAX_SPLITS)
+    "epilogue": "auto",           # "v2": splits reduced for all the block's tokens at once; "v1": token by token;
+    "v2_max_splits": 4,           # "auto": v2 up to this many splits (large T), else v1
+
     "fused": "post_then_pre",     # mhc_fused_post_pre: "post_then_pre" (mhc_post kernel + mhc_pre) or "v1"
 }
 

@@ -18,7 +18,7 @@ from dsv4lab.kernels.reference import _checks as chk
 
 from . import _mhc_common as common
 from .mhc_pre import (EPILOGUE_THREADS, MAX_TOKENS_PER_BLOCK, MIX_LANES, SPLIT_LANES, block_reduce_macro,
-                      gemm_kernel, gemm_splits, split_reduce_macro)
+                      epilogue_design, gemm_kernel, gemm_splits, split_reduce_macro)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +98,7 @@ def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> No
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
     gemm_kernel(n * d, n, dev)(residual.view(t, n * d), fn, mix_part, sq_part)
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(dev.index or 0)))
-    head_epilogue_kernel(d, arch, rms_eps, hc_eps, common.TUNING["epilogue"])(mix_part, sq_part, residual, scale,
+    head_epilogue_kernel(d, arch, rms_eps, hc_eps, epilogue_design(splits))(mix_part, sq_part, residual, scale,
                                                                               base, out, tpb)
 
 

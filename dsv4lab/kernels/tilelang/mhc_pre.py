@@ -37,7 +37,7 @@ dependent instructions cost one latency per block, not per token); "v1" = the fi
 op stays a two-pass design, 18TD bytes against the 10TD minimum, so it caps at ~55% of copy bandwidth at large
 T; hc_head (the same structure, 4 mixes) measured 447 us at Flash T = 16384, ~90% of that 18TD cap, which is
 what pre can reach if its epilogue and 24-mix GEMM stream as well (the bench's design sweep times each kernel
-alone to show which one does not). T = 1: up to 128 splits (was 32) so fn is streamed by 128 blocks.
+alone to show which one does not). Small T has many splits: there the launcher keeps v1 (``epilogue_design``).
 
 Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
 dimensions, so one compile per (D, norm flavour) serves every T.
@@ -52,7 +52,7 @@ from . import _mhc_common as common
 
 BLOCK_K = 64            # K elements per pipeline stage of the prenorm GEMM (128-byte bf16 rows)
 GEMM_STAGES = 4
-MAX_SPLITS = 128        # T = 1: up to 128 split blocks of 2 chunks each stream fn (1.5 MB Flash) in parallel
+MAX_SPLITS = 128        # hard bound; TUNING["max_splits"] (32) is the one used (T = 1: 32 blocks stream fn)
 SPLIT_LANES = 8         # v1 epilogue: splits reduced in parallel
 MIX_LANES = 32          # epilogue: lanes for the 24 (or 4) mixes + the sum of squares
 MAX_TOKENS_PER_BLOCK = 32
@@ -341,10 +341,20 @@ def run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scal
     rms_eps, hc_eps, post_mult, iters = scalars
     arch = common.device_arch(residual.device)
     norm_dtype = None if norm_weight is None else str(norm_weight.dtype).removeprefix("torch.")
-    kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters, common.TUNING["epilogue"])
+    kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters,
+                                 epilogue_design(mix_part.shape[0]))
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(residual.device.index or 0)))
     kernel(mix_part, sq_part, residual, scale, base, _weight_or_placeholder(norm_weight, d, residual.device),
            layer_input, post, comb, tpb)
+
+
+def epilogue_design(n_splits: int) -> str:
+    """TUNING["epilogue"]; "auto" = v2 for at most ``v2_max_splits`` splits (large T), else v1: v2's thread
+    loops over the splits one dependent load at a time (128 splits: ~128 L2 latencies), v1 reads 8 at once."""
+    design = common.TUNING["epilogue"]
+    if design == "auto":
+        return "v2" if n_splits <= common.TUNING["v2_max_splits"] else "v1"
+    return design
 
 
 def gemm_kernel(nd: int, n_mix: int, device: torch.device):
@@ -355,7 +365,8 @@ def gemm_kernel(nd: int, n_mix: int, device: torch.device):
 
 def gemm_splits(t: int, nd: int, device: torch.device) -> int:
     """Split-K count of the prenorm GEMM for T = t, K = nd on ``device`` (see ``common.split_k``)."""
-    return common.split_k(t, nd // BLOCK_K, common.sm_count(device.index or 0), MAX_SPLITS)
+    return common.split_k(t, nd // BLOCK_K, common.sm_count(device.index or 0),
+                          min(MAX_SPLITS, common.TUNING["max_splits"]))
 
 
 def mhc_pre(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
