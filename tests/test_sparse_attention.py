@@ -1,0 +1,127 @@
+"""Triton sparse MQA attention with sink (dsv4-layers.md 3.6) under the interpreter, against a float64 dense oracle
+and the reference ``sparse_attention_with_sink``.
+
+Tolerance (CPU): the interpreter keeps fp32 operands and truncates the final fp32 -> bf16 cast, so the error is
+below one bf16 ulp of the output (<= 2^-7 |o|) plus fp32 accumulation noise (<= 1e-5 max|K| for lists of a few
+hundred O(1) terms). On a GPU, p is rounded to bf16 before p @ K (<= 2^-9 relative per weight): + 2^-9 max|K|.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _attn_oracles import bf16_ulp
+from dsv4lab.kernels import registry
+from dsv4lab.kernels.reference.attention import causal_entry_indices, sparse_attention_with_sink, window_indices
+from dsv4lab.kernels.triton.sparse_attention import sparse_attention_launch
+from dsv4lab.kernels.triton.sparse_attention import sparse_attention_with_sink as triton_attention
+
+
+def oracle64(q, kv, idx, sink, scale):
+    """Dense float64: logits over all kv rows, each row weighted by how often the token lists it, sink appended."""
+    T, H, d = q.shape
+    counts = torch.zeros(T, kv.shape[0] + 1, dtype=torch.float64)
+    counts.scatter_add_(1, torch.where(idx < 0, kv.shape[0], idx.long()), torch.ones(idx.shape, dtype=torch.float64))
+    counts = counts[:, :-1]
+    logits = torch.einsum("thd,nd->thn", q.double(), kv.double()) * scale
+    full = torch.cat([logits, sink.double().view(1, H, 1).expand(T, H, 1)], -1)
+    m = full.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m) * counts[:, None, :]
+    denom = e.sum(-1, keepdim=True) + torch.exp(sink.double().view(1, H, 1) - m)
+    o = torch.einsum("thn,nd->thd", e, kv.double())
+    return torch.where(denom > 0, o / denom, torch.zeros_like(o))
+
+
+def bound(o64, kv):
+    kmax = kv.double().abs().max()
+    gpu = 2.0 ** -9 * kmax if kv.is_cuda else 0.0
+    return 2.0 ** -7 * o64.abs() + 1e-5 * kmax + gpu + bf16_ulp(torch.zeros(()))
+
+
+def make(T, H, d, N, M, device, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, d, generator=g).to(dtype).to(device)                 # unit-RMS q and K rows
+    kv = torch.randn(N, d, generator=g).to(dtype).to(device)
+    idx = torch.randint(-1, N, (T, M), generator=g).to(device)
+    sink = (0.5 * torch.randn(H, generator=g)).to(device)
+    return q, kv, idx, sink
+
+
+def check(o, q, kv, idx, sink, scale):
+    o64 = oracle64(q.cpu(), kv.cpu(), idx.cpu(), sink.cpu(), scale)
+    err = (o.cpu().double() - o64).abs()
+    lim = bound(o64, kv.cpu())
+    assert o.dtype == torch.bfloat16 and o.shape == q.shape
+    assert bool((err <= lim).all()), f"max err {float(err.max()):.3g}, worst excess {float((err - lim).max()):.3g}"
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_random_lists_match_oracle(device, splits):
+    """Random lists with -1 holes and duplicates; unsplit and split (flash-decoding) paths."""
+    q, kv, idx, sink = make(T=12, H=6, d=64, N=50, M=45, device=device)
+    o = sparse_attention_launch(q, kv, idx, sink, 64 ** -0.5, num_splits=splits, block_n=16)
+    check(o, q, kv, idx, sink, 64 ** -0.5)
+
+
+def test_head_dim_512_and_reference(device):
+    """The DSv4 head dim, window + HCA-style lists; also within one output ulp (+ noise) of the fp32 reference."""
+    T, H, d = 8, 4, 512
+    q, kv, _, sink = make(T=T, H=H, d=d, N=T + 2, M=1, device=device, seed=1)
+    idx = torch.cat([window_indices(T, 4), torch.where(causal_entry_indices(T, 4) >= 0, causal_entry_indices(T, 4) + T, -1)], 1)
+    idx = idx.to(device)
+    o = triton_attention(q, kv, idx, sink, d ** -0.5)
+    check(o, q, kv, idx, sink, d ** -0.5)
+    r = sparse_attention_with_sink(q, kv, idx, sink, d ** -0.5)
+    assert float((o.double() - r.double()).abs().max()) <= float(2 * bf16_ulp(r.double()).max())
+
+
+def test_empty_rows_and_sink_extremes(device):
+    """Rows with no candidate give exactly 0; a -inf sink (vLLM's padded heads) removes the sink term without NaNs;
+    a huge sink takes (almost) all the mass."""
+    q, kv, idx, sink = make(T=5, H=4, d=32, N=9, M=7, device=device, seed=2)
+    idx[1] = -1
+    idx[3, 2:] = -1
+    sink[0] = float("-inf")
+    sink[1] = 60.0
+    for splits in (1, 2):
+        o = sparse_attention_launch(q, kv, idx, sink, 32 ** -0.5, num_splits=splits, block_n=16)
+        assert not bool(o.isnan().any())
+        assert torch.equal(o[1].cpu(), torch.zeros(4, 32, dtype=torch.bfloat16))
+        assert float(o[:, 1].abs().max()) < 1e-12 * 1e6        # exp(l - 60) / (... + 1) ~ e^-55
+        check(o, q, kv, idx, sink, 32 ** -0.5)
+
+
+def test_sink_known_answer(device):
+    """One head, d = 16, scale 1: logits 1 and -0.5, sink 0.25 (hand-computed softmax)."""
+    q = torch.zeros(1, 1, 16)
+    q[0, 0, 0] = 1.0
+    kv = torch.zeros(2, 16)
+    kv[0, 0], kv[0, 1], kv[1, 0], kv[1, 2] = 1.0, 1.0, -0.5, 2.0
+    idx = torch.tensor([[0, 1, -1]])
+    o = triton_attention(q.bfloat16().to(device), kv.bfloat16().to(device), idx.to(device), torch.tensor([0.25]).to(device), 1.0)
+    e1, e2, es = math.exp(1.0), math.exp(-0.5), math.exp(0.25)
+    p1, p2 = e1 / (e1 + e2 + es), e2 / (e1 + e2 + es)
+    want = torch.zeros(16, dtype=torch.float64)
+    want[0], want[1], want[2] = p1 - 0.5 * p2, p1, 2 * p2
+    assert float((o[0, 0].cpu().double() - want).abs().max()) <= float(2.0 ** -7 * want.abs().max())
+
+
+def test_zero_tokens_and_bad_input(device):
+    q, kv, idx, sink = make(T=3, H=2, d=32, N=4, M=2, device=device)
+    assert triton_attention(q[:0], kv, idx[:0], sink, 0.1).shape == (0, 2, 32)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        triton_attention(q[..., :24], kv[:, :24], idx, sink, 0.1)
+    if device == "cpu":                                   # the range check runs on CPU tensors only (no GPU sync)
+        with pytest.raises(ValueError, match="idx"):
+            triton_attention(q, kv, torch.full_like(idx, 4), sink, 0.1)
+    with pytest.raises(TypeError, match="scale"):
+        triton_attention(q, kv, idx, sink, torch.tensor(0.1))
+
+
+def test_registry_backend():
+    ok, _ = registry.availability("sparse_attention", "triton")
+    assert ok
+    assert registry.get("sparse_attention", "triton") is triton_attention
