@@ -347,7 +347,7 @@ def test_module_default_interface_and_backend_choice():
     x, pos = inputs(130, 51)
     assert mod(x, pos).shape == (130, D)
     with pytest.raises(ValueError, match="backend"):
-        DSv4Attention(CFG, 0, backend="triton")
+        DSv4Attention(CFG, 0, backend="cutlass")
     with pytest.raises(ValueError, match="layer"):
         DSv4Attention(CFG, 99)
 

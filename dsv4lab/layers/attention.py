@@ -2,7 +2,8 @@
 
 The weights are frozen ``nn.Parameter``s named like the checkpoint under ``layers.N.attn.`` (``wq_a.weight``,
 ``compressor.ape``, ``indexer.compressor.norm.weight``, ...), so ``load_state_dict`` takes checkpoint tensors
-directly. ``forward`` runs the op ``attention_prefill`` of the chosen registry backend (only ``reference`` so far).
+directly. ``forward`` runs the reference ``attention_prefill`` with its cores (sparse_attention, compressor,
+indexer_topk) taken from the requested registry backend where that op has one (``op_backends`` says which).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..config import DSv4Config
 from ..kernels import registry
+from ._ops import OpTable
 from ..kernels.reference.attention import AttentionParams, init_attention_params, quantize_weights_fp8
 
 
@@ -32,7 +34,11 @@ class DSv4Attention(nn.Module):
         self.layer_idx = layer_idx
         self.ratio = cfg.compress_ratio(layer_idx)          # validates layer_idx
         self.backend = backend
-        self._fn = registry.get("attention_prefill", backend)
+        self._fn = registry.get("attention_prefill", "reference")
+        cores = ("sparse_attention", "compressor", "indexer_topk")
+        table = OpTable(backend, *cores)          # reference where the op has no such backend
+        self.op_backends = dict(table.backends)
+        self._ops = {op: table[op] for op in cores if table.backends[op] != "reference"}
         self.fp8_kv = fp8_kv
         if params is None:
             params = init_attention_params(cfg, layer_idx, seed=seed, device=device)
@@ -60,7 +66,8 @@ class DSv4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x`` [T, D] bf16 (attn_norm-ed), ``positions`` [T] int64 -> [T, D] bf16."""
-        return self._fn(x, positions, self.params(), self.cfg, self.layer_idx, fp8_kv=self.fp8_kv)
+        return self._fn(x, positions, self.params(), self.cfg, self.layer_idx, fp8_kv=self.fp8_kv,
+                        ops=self._ops or None)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, kind={self.kind}, backend={self.backend!r}, fp8_kv={self.fp8_kv}"

@@ -326,8 +326,10 @@ class PrefillParts:
 
 
 def attention_prefill_parts(x: torch.Tensor, positions: torch.Tensor, params: AttentionParams,
-                            cfg: DSv4Config, layer: int, *, fp8_kv: bool = True) -> PrefillParts:
-    """``attention_prefill`` keeping its intermediates (for tests and notebooks)."""
+                            cfg: DSv4Config, layer: int, *, fp8_kv: bool = True, ops: dict | None = None) -> PrefillParts:
+    """``attention_prefill`` keeping its intermediates (for tests and notebooks). ``ops`` swaps the cores
+    ("sparse_attention", "compressor", "indexer_topk" -> a callable with the reference's signature)."""
+    ops = ops or {}
     if not isinstance(cfg, DSv4Config):
         raise TypeError(f"cfg: expected DSv4Config, got {type(cfg).__name__}")
     if isinstance(layer, bool) or not isinstance(layer, int):
@@ -348,25 +350,25 @@ def attention_prefill_parts(x: torch.Tensor, positions: torch.Tensor, params: At
     entries = sel = None
     if r:
         c = params.compressor
-        entries = compress(x, c.wkv, c.wgate, c.ape, c.norm_weight, r, inv_freq, head_dim=d, eps=eps,
+        entries = ops.get("compressor", compress)(x, c.wkv, c.wgate, c.ape, c.norm_weight, r, inv_freq, head_dim=d, eps=eps,
                            fp8_nope=fp8_kv)
         if r == 4:
             ip = params.indexer
             ic = ip.compressor
-            sel, _ = indexer_topk(x, qr, positions, ip.wq_b, ip.weights_proj, ic.wkv, ic.wgate, ic.ape,
+            sel, _ = ops.get("indexer_topk", indexer_topk)(x, qr, positions, ip.wq_b, ip.weights_proj, ic.wkv, ic.wgate, ic.ape,
                                   ic.norm_weight, inv_freq, cfg.index_topk, eps=eps)
         else:
             sel = causal_entry_indices(T, r, x.device)
         keys.append(entries)
         lists.append(torch.where(sel >= 0, sel + T, -1))
     idx = torch.cat(lists, dim=1)
-    o = sparse_attention_with_sink(q, torch.cat(keys), idx, params.attn_sink, d ** -0.5)
+    o = ops.get("sparse_attention", sparse_attention_with_sink)(q, torch.cat(keys), idx, params.attn_sink, d ** -0.5)
     out = attention_output(o, positions, inv_freq, params.wo_a, params.wo_b, cfg.o_groups)
     return PrefillParts(qr, q, kv, entries, sel, idx, o, out)
 
 
 def attention_prefill(x: torch.Tensor, positions: torch.Tensor, params: AttentionParams, cfg: DSv4Config,
-                      layer: int, *, fp8_kv: bool = True) -> torch.Tensor:
+                      layer: int, *, fp8_kv: bool = True, ops: dict | None = None) -> torch.Tensor:
     """DSv4 attention of decoder layer ``layer`` for a no-cache prefill (dsv4-layers.md 3.8): [T, D] bf16.
 
     ``x`` [T, D] (the attn_norm-ed sublayer input, bf16), ``positions`` [T] int (must be 0..T-1 in compressed
@@ -374,5 +376,6 @@ def attention_prefill(x: torch.Tensor, positions: torch.Tensor, params: Attentio
     plus, for ratio 128, every entry ``j < (t+1)//128`` and, for ratio 4, the indexer's top-``index_topk``
     entries; softmax with the per-head sink at scale ``head_dim^-0.5``; then ``attention_output``.
     ``fp8_kv``: fp8 round trip of the nope part of the window KV and of the compressed entries.
+    ``ops``: optional replacements of the cores (see ``attention_prefill_parts``).
     """
-    return attention_prefill_parts(x, positions, params, cfg, layer, fp8_kv=fp8_kv).out
+    return attention_prefill_parts(x, positions, params, cfg, layer, fp8_kv=fp8_kv, ops=ops).out

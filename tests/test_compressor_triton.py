@@ -1,0 +1,117 @@
+"""Triton compressor (dsv4-layers.md 3.4) and indexer Q quant (3.5) under the interpreter.
+
+The compressor kernel rounds to the bf16 / e4m3 grids with RNE (software rounding under the interpreter), so it is
+held to the float64 oracle within the reference's own bound, and to the fp32 reference bitwise where both compute
+the same fp32 operations in the same order -- checked here as: at most 1 bf16 ulp apart, and the fp8 nope part
+equal to the reference fp8 round trip of the kernel's own bf16 output (the quantiser is then exact).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _attn_oracles import bf16_ulp, compress_oracle, unit_rms, weight
+from dsv4lab.kernels import registry
+from dsv4lab.kernels.reference.compressor import compress as reference_compress
+from dsv4lab.kernels.reference.indexer_q import fp8_mqa_logits, indexer_q_rope_quant, quant_indexer_k
+from dsv4lab.kernels.triton.compressor import compress, compress_from_projections
+from dsv4lab.kernels.triton.indexer_q import indexer_q_rope_quant as triton_indexer_q
+from dsv4lab.quant import fp8_roundtrip
+from dsv4lab.rope import base_inv_freq
+
+INV = base_inv_freq(64, 160000.0)
+
+
+def weights(ratio, hd, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = 2 if ratio == 4 else 1
+    return (weight(c * hd, D, g), weight(c * hd, D, g), 0.1 * torch.randn(ratio, c * hd, generator=g),
+            (1 + 0.05 * torch.randn(hd, generator=g)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("ratio,hd,T,block_c", [(4, 128, 66, None), (4, 128, 40, 128), (128, 128, 300, None),
+                                                (128, 128, 256, 128), (4, 512, 20, 512)])
+def test_matches_reference_and_oracle(ratio, hd, T, block_c):
+    """Both the fused single-program path (block_c = hd) and the pooled-workspace path (block_c < hd)."""
+    wkv, wg, ape, nw = weights(ratio, hd)
+    x = unit_rms((T, 64), torch.Generator().manual_seed(1))
+    used = x[: (T // ratio) * ratio].float()
+    A, S = used @ wkv.float().T, used @ wg.float().T
+    got = compress_from_projections(A, S, ape, nw, ratio, INV, head_dim=hd, block_c=block_c)
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd)
+    assert got.dtype == torch.bfloat16 and got.shape == (T // ratio, hd)
+    assert bool(((got.double() - ref.double()).abs() <= bf16_ulp(ref)).all())
+    o64 = compress_oracle(x, wkv, wg, ape, nw, ratio, INV, hd)
+    # one bf16 rounding (half an ulp) + fp32 noise of the pooled sums and the norm (<< 2^-12 relative)
+    assert bool(((got.double() - o64).abs() <= bf16_ulp(o64) * 0.5 + 2.0 ** -12 * o64.abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_fp8_nope(ratio):
+    hd, T = 128, 260
+    wkv, wg, ape, nw = weights(ratio, hd, seed=3)
+    x = unit_rms((T, 64), torch.Generator().manual_seed(4))
+    plain = compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd)
+    q = compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd, fp8_nope=True)
+    nope = hd - 64
+    assert torch.equal(q[:, nope:], plain[:, nope:])                                # rope part stays bf16
+    assert torch.equal(q[:, :nope], fp8_roundtrip(plain[:, :nope], 64))             # exact fp8 round trip
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd, fp8_nope=True)
+    assert (q != ref).float().mean() < 0.02          # only where a 1-ulp bf16 difference crosses an fp8 midpoint
+
+
+def test_short_inputs_and_errors():
+    wkv, wg, ape, nw = weights(4, 128)
+    x = unit_rms((3, 64), torch.Generator().manual_seed(0))
+    assert compress(x, wkv, wg, ape, nw, 4, INV, head_dim=128).shape == (0, 128)
+    with pytest.raises(ValueError, match="ratio"):
+        compress(x, wkv, wg, ape, nw, 8, INV, head_dim=128)
+    with pytest.raises(ValueError, match="head_dim"):
+        compress_from_projections(torch.zeros(8, 192), torch.zeros(8, 192), ape[:, :192], nw[:96], 4, INV,
+                                  head_dim=96)
+    with pytest.raises(TypeError, match="A"):
+        compress_from_projections(torch.zeros(8, 256, dtype=torch.float64), torch.zeros(8, 256), ape, nw, 4, INV,
+                                  head_dim=128)
+
+
+def test_first_entry_has_no_previous_block():
+    """Ratio 4, entry 0: the previous-block candidates are absent, so changing A/S of the first half of tokens
+    0..3 (which would feed entry 1 only) leaves entry 0 unchanged."""
+    wkv, wg, ape, nw = weights(4, 128)
+    A = torch.randn(8, 256)
+    S = torch.randn(8, 256)
+    base = compress_from_projections(A, S, ape, nw, 4, INV, head_dim=128)
+    A2, S2 = A.clone(), S.clone()
+    A2[:4, :128] += 5.0
+    S2[:4, :128] -= 3.0
+    moved = compress_from_projections(A2, S2, ape, nw, 4, INV, head_dim=128)
+    assert torch.equal(base[0], moved[0]) and not torch.equal(base[1], moved[1])
+
+
+def test_indexer_q_bitwise_and_logits():
+    g = torch.Generator().manual_seed(5)
+    T, nI, dI = 24, 8, 128
+    q = torch.randn(T, nI, dI, generator=g).to(torch.bfloat16)
+    pos = torch.arange(T) * 17
+    w = torch.randn(T, nI, generator=g).to(torch.bfloat16).float()
+    q8, w_out = triton_indexer_q(q, pos, INV, w)
+    r8, rw = indexer_q_rope_quant(q, pos, INV, w)
+    assert torch.equal(q8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(w_out, rw)
+    # the fp8 logits track bf16 logits of the same rotated q within the fp8 quantisation error
+    k = torch.randn(10, dI, generator=g).to(torch.bfloat16)
+    k8, ks = quant_indexer_k(k)
+    ke = torch.full((T,), 7)
+    lg = fp8_mqa_logits(q8, k8, ks, w_out, torch.zeros(T, dtype=torch.long), ke)
+    from dsv4lab.rope import apply_rope
+    qr = apply_rope(q, pos, INV).double()
+    exact = (torch.einsum("thd,nd->thn", qr, k.double()).relu() * w.double()[..., None]).sum(1) * (dI * nI) ** -0.5
+    assert bool(torch.isinf(lg[:, 7:]).all())
+    scale = (torch.einsum("thd,nd->thn", qr.abs(), k.double().abs()) * w.double().abs()[..., None]).sum(1) * (dI * nI) ** -0.5
+    assert bool(((lg[:, :7].double() - exact[:, :7]).abs() <= 2 * 2.0 ** -4 * scale[:, :7]).all())  # 2 e4m3 roundings
+
+
+def test_registry():
+    assert registry.get("compressor", "triton") is compress
+    assert registry.get("indexer_q_rope_quant", "triton") is triton_indexer_q
+    ok, why = registry.availability("indexer_topk", "deep_gemm")
+    assert ok == torch.cuda.is_available() or not ok
