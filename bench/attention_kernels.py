@@ -1,0 +1,623 @@
+"""H100 benchmark of the fused DSv4 attention kernels (issue 12): sparse attention with sink, compressor, indexer.
+
+    python bench/attention_kernels.py --out $OUT          # records -> $OUT/attention_kernels.jsonl
+    python bench/attention_kernels.py --out /tmp/x --cpu-dry-run   # logic check on a CPU (interpreter, tiny shapes)
+
+Order (each case recorded as it finishes; a failure becomes an "error" record and the run goes on; the time budget
+--budget cuts what is left, recorded as "unavailable"):
+0. Smoke: every op once on small Flash-like shapes in a subprocess (a crash / illegal memory access marks that op
+   "crashed" and the rest is retried in a fresh subprocess); this also fills the Triton / DeepGEMM JIT caches.
+1. Numerics, Flash shapes (H=64, d=512, W=128, K_I=512), T in {1024, 4096}: Triton attention vs the fp32
+   reference vs a float64 oracle on sampled rows (window, CSA with per-query random top-k sets, HCA); edge cases
+   (empty rows, -inf sink, huge sink); FlexAttention on the same sets; compressor (r=4, 128, fp8 nope) vs the
+   reference; DeepGEMM indexer top-k overlap with the reference (near ties explained by the reference logits).
+2. Timing (CUDA events, L2 flushed): prefill T in {1024, 4096, 8192, 16384} for window/CSA/HCA (TFLOP/s and % of
+   the measured bf16 matmul peak; target >= 40 % at T=8192), with a small launch-config sweep at T=8192; decode
+   batch {1, 16, 64, 256} x L {4096, 32768, 131072} (GB/s of the bf16 rows actually read, % of copy BW; target
+   >= 50 %; the roofline row is fp8 584 B/row and is recorded alongside); compressor and indexer Q (GB/s; target
+   >= 70 % at T >= 4096); DeepGEMM logits + top-k; FlexAttention at T in {4096, 8192} (target: Triton faster).
+Peaks: data/results/<gpu>/peaks.jsonl if present, else measured here and written to <out>/peaks.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EXPERIMENT = "attention_kernels"
+H, D_HEAD, W, K_I, HIDDEN, Q_LORA, N_I, D_I = 64, 512, 128, 512, 4096, 1024, 64, 128
+SMOKE_OPS = ["sparse_attention_prefill", "sparse_attention_decode", "compressor", "indexer_q", "indexer_deep_gemm",
+             "flex"]
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+def attention_inputs(T: int, kind: str, dev: str, seed: int = 0):
+    """q [T, H, d] (unit-RMS heads), kv [T + n, d] (window rows then compressed entries), idx [T, W + *] int32."""
+    import torch
+
+    from dsv4lab.kernels.reference.attention import causal_entry_indices, window_indices
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = {"window": 0, "csa": 4, "hca": 128}[kind]
+    n = T // r if r else 0
+    q = torch.randn(T, H, D_HEAD, device=dev, generator=g).to(torch.bfloat16)
+    kv = torch.randn(T + n, D_HEAD, device=dev, generator=g).to(torch.bfloat16)
+    lists = [window_indices(T, W, dev)]
+    if kind == "hca":
+        sel = causal_entry_indices(T, 128, dev)
+        lists.append(torch.where(sel >= 0, sel + T, -1))
+    elif kind == "csa":
+        n_valid = (torch.arange(T, device=dev) + 1) // 4
+        score = torch.rand(T, n, device=dev, generator=g)
+        score.masked_fill_(torch.arange(n, device=dev)[None, :] >= n_valid[:, None], -1.0)
+        k = min(K_I, n)
+        sel = score.topk(k, dim=1).indices
+        sel = torch.where(torch.arange(k, device=dev)[None, :] < n_valid[:, None], sel, -1)
+        lists.append(torch.where(sel >= 0, sel + T, -1))
+    idx = torch.cat(lists, 1).to(torch.int32).contiguous()
+    sink = 0.5 * torch.randn(H, device=dev, generator=g)
+    return q, kv, idx, sink, r
+
+
+def decode_inputs(B: int, L: int, kind: str, dev: str, seed: int = 0):
+    """B query tokens, each with its own W window rows + its compressed candidates, all distinct rows of one pool
+    (so nothing is shared between tokens, as with B independent sequences)."""
+    import torch
+
+    cand = {"window": 0, "hca": L // 128, "csa": min(K_I, L // 4)}[kind]
+    m = min(W, L) + cand
+    g = torch.Generator(device=dev).manual_seed(seed)
+    kv = torch.randn(B * m, D_HEAD, device=dev, generator=g).to(torch.bfloat16)
+    idx = torch.randperm(B * m, device=dev, generator=g).view(B, m).to(torch.int32).contiguous()
+    q = torch.randn(B, H, D_HEAD, device=dev, generator=g).to(torch.bfloat16)
+    sink = 0.5 * torch.randn(H, device=dev, generator=g)
+    return q, kv, idx, sink, {"window": 0, "hca": 128, "csa": 4}[kind]
+
+
+def oracle_rows(q, kv, idx, sink, scale, rows):
+    """float64 attention with sink for the given rows (gathered, masked)."""
+    import torch
+
+    qi, ii = q[rows].double(), idx[rows].long()
+    keys = kv.double()[ii.clamp(min=0)]                                 # [R, M, d]
+    lg = torch.einsum("rhd,rmd->rhm", qi, keys) * scale
+    lg = lg.masked_fill((ii < 0)[:, None, :], float("-inf"))
+    s = sink.double().view(1, -1, 1).expand(len(rows), -1, 1)
+    m = torch.cat([lg, s], -1).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(lg - m)
+    den = p.sum(-1, keepdim=True) + torch.exp(s - m)
+    o = torch.einsum("rhm,rmd->rhd", p, keys)
+    return torch.where(den > 0, o / den, torch.zeros_like(o))
+
+
+def compressor_inputs(T: int, r: int, dev: str, seed: int = 0, hd: int = D_HEAD, D: int = HIDDEN):
+    import torch
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    c = 2 if r == 4 else 1
+    x = torch.randn(T, D, device=dev, generator=g).to(torch.bfloat16)
+    wkv = (torch.randn(c * hd, D, device=dev, generator=g) * D ** -0.5).to(torch.bfloat16)
+    wg = (torch.randn(c * hd, D, device=dev, generator=g) * D ** -0.5).to(torch.bfloat16)
+    ape = 0.1 * torch.randn(r, c * hd, device=dev, generator=g)
+    nw = (1 + 0.05 * torch.randn(hd, device=dev, generator=g)).to(torch.bfloat16)
+    return x, wkv, wg, ape, nw
+
+
+def indexer_inputs(T: int, dev: str, seed: int = 0):
+    import torch
+
+    from dsv4lab.kernels.reference.norms import rmsnorm
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(T, HIDDEN, device=dev, generator=g).to(torch.bfloat16)
+    qr = rmsnorm(torch.randn(T, Q_LORA, device=dev, generator=g).to(torch.bfloat16), None, 1e-6)
+    wq_b = (torch.randn(N_I * D_I, Q_LORA, device=dev, generator=g) * Q_LORA ** -0.5).to(torch.bfloat16)
+    wp = (torch.randn(N_I, HIDDEN, device=dev, generator=g) * HIDDEN ** -0.5).to(torch.bfloat16)
+    x_c, wkv, wg, ape, nw = compressor_inputs(T, 4, dev, seed + 1, hd=D_I)
+    return x, qr, wq_b, wp, wkv, wg, ape, nw
+
+
+def inv_freq(dev: str):
+    from dsv4lab import get_config
+    from dsv4lab.rope import layer_inv_freq
+
+    return layer_inv_freq(get_config("flash"), 2).to(dev)        # a CSA layer: theta 160000 + YaRN
+
+
+# ---- smoke (subprocess) -----------------------------------------------------------------------------
+def smoke_one(op: str, dev: str) -> str:
+    import torch
+
+    from dsv4lab.kernels.triton import sparse_attention as SA
+
+    T = 64 if dev == "cpu" else 1024
+    if op == "sparse_attention_prefill":
+        q, kv, idx, sink, _ = attention_inputs(T, "csa", dev)
+        o = SA.sparse_attention_with_sink(q, kv, idx, sink, D_HEAD ** -0.5)
+    elif op == "sparse_attention_decode":
+        q, kv, idx, sink, _ = decode_inputs(2, 4096, "hca", dev)
+        o = SA.sparse_attention_launch(q, kv, idx, sink, D_HEAD ** -0.5, num_splits=4)
+    elif op == "compressor":
+        from dsv4lab.kernels.triton.compressor import compress
+        for r in (4, 128):
+            x, wkv, wg, ape, nw = compressor_inputs(max(T, 256), r, dev)
+            o = compress(x, wkv, wg, ape, nw, r, inv_freq(dev), head_dim=D_HEAD, fp8_nope=True)
+    elif op == "indexer_q":
+        from dsv4lab.kernels.triton.indexer_q import indexer_q_rope_quant
+        q = torch.randn(T, N_I, D_I, device=dev).to(torch.bfloat16)
+        o, _ = indexer_q_rope_quant(q, torch.arange(T, device=dev), inv_freq(dev), torch.randn(T, N_I, device=dev))
+        o = o.float()
+    elif op == "indexer_deep_gemm":
+        if dev == "cpu":
+            return "skipped on CPU"
+        from dsv4lab.kernels.deep_gemm.indexer import indexer_topk
+        x, qr, wq_b, wp, wkv, wg, ape, nw = indexer_inputs(T, dev)
+        o, _ = indexer_topk(x, qr, torch.arange(T, device=dev), wq_b, wp, wkv, wg, ape, nw, inv_freq(dev), K_I)
+        o = o.float()
+    elif op == "flex":
+        if dev == "cpu":
+            return "skipped on CPU"
+        from dsv4lab.kernels.torch.flex_attention import sparse_attention_flex
+        q, kv, idx, sink, _ = attention_inputs(T, "hca", dev)
+        o = sparse_attention_flex(q, kv, idx, sink, D_HEAD ** -0.5)
+    else:
+        raise ValueError(op)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return f"finite={bool(torch.isfinite(o.float()).all())}"
+
+
+def smoke_child(ops: list[str], dev: str) -> int:
+    for op in ops:
+        print(f"SMOKE-START {op}", flush=True)
+        try:
+            msg = smoke_one(op, dev)
+            print(f"SMOKE-OK {op} {msg}", flush=True)
+        except Exception as e:  # a Python error: report and go on (a hard crash ends the process)
+            print(f"SMOKE-FAIL {op} {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return 0
+
+
+def run_smoke(dev: str, timeout: float) -> dict[str, str]:
+    """op -> 'ok' | 'fail: ...' | 'crashed: ...'; ops after a crash are retried in a fresh process."""
+    status: dict[str, str] = {}
+    remaining = list(SMOKE_OPS)
+    t_end = time.perf_counter() + timeout
+    while remaining and time.perf_counter() < t_end:
+        cmd = [sys.executable, __file__, "--smoke-child", ",".join(remaining), "--out", "-"]
+        if dev == "cpu":
+            cmd.append("--cpu-dry-run")
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, t_end - time.perf_counter()))
+            out, rc = res.stdout, res.returncode
+            tail = (res.stderr or "")[-400:]
+        except subprocess.TimeoutExpired as e:
+            out, rc, tail = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -9, "timeout"
+        started = None
+        for line in out.splitlines():
+            parts = line.split(" ", 2)
+            if parts[0] == "SMOKE-START":
+                started = parts[1]
+            elif parts[0] == "SMOKE-OK":
+                status[parts[1]] = "ok" + (f" ({parts[2]})" if len(parts) > 2 else "")
+                started = None
+            elif parts[0] == "SMOKE-FAIL":
+                status[parts[1]] = "fail: " + (parts[2] if len(parts) > 2 else "")
+                started = None
+        if started is not None:
+            status[started] = f"crashed (rc={rc}): {tail.strip()[-300:]}"
+        remaining = [op for op in remaining if op not in status]
+        if started is None and remaining:       # the child ended without starting them: give up on those
+            for op in remaining:
+                status[op] = f"not run (rc={rc}): {tail.strip()[-200:]}"
+            remaining = []
+    for op in remaining:
+        status[op] = "not run: smoke time budget spent"
+    return status
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=145.0, help="seconds for the whole script")
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--smoke-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    dev = "cpu" if args.cpu_dry_run else "cuda"
+    if dev == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.smoke_child is not None:
+        return smoke_child(args.smoke_child.split(","), dev)
+
+    import torch
+
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --cpu-dry-run)")
+        return 2
+    from dsv4lab.lab import numerics, results, roofline, timing
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{EXPERIMENT}.jsonl"
+    all_recs: list[dict] = []
+    summary: list[str] = []
+    deadline = t0 + args.budget
+    dry = dev == "cpu"
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
+    def rec(op, backend, variant, tokens, metric, unit, value, **extra):
+        r = results.record(EXPERIMENT, op, backend, variant, "flash", tokens, extra.pop("dtype", "bfloat16"),
+                           metric, unit, value, **extra)
+        results.append(path, [r])
+        all_recs.append(r)
+        return r
+
+    def error(op, variant, tokens, e):
+        msg = f"{type(e).__name__}: {e}"[:1500]
+        rec(op, "-", variant, tokens, "error", None, None, message=msg, trace=traceback.format_exc()[-1500:])
+        print(f"  ERROR {op} {variant} T={tokens}: {msg[:200]}")
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    def skip(op, variant, tokens, reason):
+        rec(op, "-", variant, tokens, "unavailable", None, None, reason=reason)
+
+    print(f"{EXPERIMENT}: {results.provenance().get('gpu')} | torch {torch.__version__} | records -> {path}")
+
+    # 0. smoke
+    smoke = run_smoke(dev, timeout=min(60.0, max(10.0, left() * 0.4)))
+    for op, st in smoke.items():
+        rec(op, "-", "smoke", None, "smoke", None, 1.0 if st.startswith("ok") else 0.0, status=st, dtype=None)
+        print(f"  smoke {op:26s} {st[:150]}")
+    ok = {op for op, st in smoke.items() if st.startswith("ok")}
+    # a crashed kernel may leave the GPU unusable for this process too: only run what smoked cleanly
+    from dsv4lab.kernels.triton import sparse_attention as SA
+    scale = D_HEAD ** -0.5
+
+    peaks = None
+    if not dry:
+        try:
+            peaks = roofline.load_peaks()
+            if peaks is None:
+                peaks = roofline.measure_peaks()
+                results.append(out / "peaks.jsonl", peaks.to_records())
+            print("  peaks:", peaks.summary())
+        except Exception as e:
+            error("peaks", "-", None, e)
+
+    def tfields(t):
+        return dict(p20=t.p20, p80=t.p80, timing_mode=t.mode, rep=t.rep, warmup=t.warmup, l2_flush=t.flush_l2)
+
+    def bench(fn, rep=20):
+        return timing.bench(fn, rep=rep if not dry else 2, warmup=3 if not dry else 1,
+                            device=dev)
+
+    prefill_T = [64] if dry else [1024, 4096, 8192, 16384]
+    num_T = [64] if dry else [1024, 4096]
+    rows_n = 16 if dry else 128
+
+    # 1. numerics ---------------------------------------------------------------------------------------
+    for T in num_T:
+        for kind in ("window", "csa", "hca"):
+            if "sparse_attention_prefill" not in ok or left() < 60:
+                skip("sparse_attention", f"numerics-{kind}", T, "smoke failed or budget")
+                continue
+            try:
+                q, kv, idx, sink, r = attention_inputs(T, kind, dev, seed=T)
+                ref = None
+                from dsv4lab.kernels.reference.attention import sparse_attention_with_sink as ref_fn
+                ref = ref_fn(q, kv, idx, sink, scale)
+                tri = SA.sparse_attention_with_sink(q, kv, idx, sink, scale)
+                rows = torch.linspace(0, T - 1, rows_n, device=dev).long()
+                o64 = oracle_rows(q, kv, idx, sink, scale, rows)
+                c = numerics.compare(o64, ref[rows], tri[rows])
+                for rr in c.to_records(experiment=EXPERIMENT, op="sparse_attention", backend="triton",
+                                       variant=f"numerics-{kind}", preset="flash", tokens=T, rows_sampled=rows_n):
+                    results.append(path, [rr])
+                    all_recs.append(rr)
+                full = float((tri.float() - ref.float()).abs().max())
+                rec("sparse_attention", "triton", f"numerics-{kind}", T, "max_abs_vs_reference", "1", full)
+                summary.append(f"attn {kind:6s} T={T:5d}: err_ratio {c.err_ratio:.2f} passed={c.passed} "
+                               f"max|tri-ref| {full:.3g}")
+                if "flex" in ok and left() > 100 and T == num_T[-1] and kind != "window":   # each shape compiles
+                    from dsv4lab.kernels.torch.flex_attention import sparse_attention_flex
+                    fx = sparse_attention_flex(q, kv, idx, sink, scale)
+                    cf = numerics.compare(o64, ref[rows], fx[rows])
+                    for rr in cf.to_records(experiment=EXPERIMENT, op="sparse_attention", backend="torch",
+                                            variant=f"flex-numerics-{kind}", preset="flash", tokens=T):
+                        results.append(path, [rr])
+                        all_recs.append(rr)
+                    summary.append(f"flex {kind:6s} T={T:5d}: err_ratio {cf.err_ratio:.2f} passed={cf.passed}")
+                del ref, tri
+            except Exception as e:
+                error("sparse_attention", f"numerics-{kind}", T, e)
+
+    # edge cases: empty rows, -inf sink, huge sink; unsplit and split
+    if "sparse_attention_prefill" in ok:
+        try:
+            q, kv, idx, sink, _ = attention_inputs(256, "csa", dev, seed=5)
+            idx[7] = -1
+            idx[9, 3:] = -1
+            sink[0], sink[1] = float("-inf"), 80.0
+            from dsv4lab.kernels.reference.attention import sparse_attention_with_sink as ref_fn
+            ref = ref_fn(q, kv, idx, sink, scale)
+            for splits in (1, 4):
+                tri = SA.sparse_attention_launch(q, kv, idx, sink, scale, num_splits=splits)
+                rec("sparse_attention", "triton", f"edge-splits{splits}", 256, "max_abs_vs_reference", "1",
+                    float((tri.float() - ref.float()).abs().max()), nonfinite=int((~torch.isfinite(tri.float())).sum()),
+                    empty_row_zero=bool((tri[7] == 0).all()))
+                summary.append(f"edge splits={splits}: max|tri-ref| {float((tri.float() - ref.float()).abs().max()):.3g}"
+                               f" nonfinite {int((~torch.isfinite(tri.float())).sum())} empty-row-zero "
+                               f"{bool((tri[7] == 0).all())}")
+        except Exception as e:
+            error("sparse_attention", "edge", 256, e)
+
+    comp_T = [256] if dry else [4096]
+    if "compressor" in ok:
+        from dsv4lab.kernels.reference.compressor import compress as ref_compress
+        from dsv4lab.kernels.triton.compressor import compress as tri_compress
+        for T in comp_T:
+            for r in (4, 128):
+                try:
+                    x, wkv, wg, ape, nw = compressor_inputs(T, r, dev, seed=r)
+                    a = ref_compress(x, wkv, wg, ape, nw, r, inv_freq(dev), head_dim=D_HEAD, fp8_nope=True)
+                    b = tri_compress(x, wkv, wg, ape, nw, r, inv_freq(dev), head_dim=D_HEAD, fp8_nope=True)
+                    diff = (a.float() - b.float()).abs()
+                    rec("compressor", "triton", f"numerics-r{r}", T, "max_abs_vs_reference", "1", float(diff.max()),
+                        frac_not_equal=float((diff > 0).float().mean()), calc_diff=numerics.calc_diff(b, a))
+                    summary.append(f"compressor r={r:3d} T={T}: max|tri-ref| {float(diff.max()):.3g} "
+                                   f"frac!= {float((diff > 0).float().mean()):.4f}")
+                except Exception as e:
+                    error("compressor", f"numerics-r{r}", T, e)
+
+    if "indexer_deep_gemm" in ok and not dry:
+        from dsv4lab.kernels.deep_gemm.indexer import indexer_topk as dg_topk
+        from dsv4lab.kernels.reference.indexer import indexer_topk as ref_topk
+        for T in (1024, 4096):
+            try:
+                args_i = indexer_inputs(T, dev, seed=T)
+                x, qr, wq_b, wp, wkv, wg, ape, nw = args_i
+                pos = torch.arange(T, device=dev)
+                s_ref, l_ref = ref_topk(x, qr, pos, wq_b, wp, wkv, wg, ape, nw, inv_freq(dev), K_I)
+                s_dg, l_dg = dg_topk(x, qr, pos, wq_b, wp, wkv, wg, ape, nw, inv_freq(dev), K_I)
+                ov = numerics.topk_overlap(s_ref, s_dg, scores=l_ref)
+                for rr in ov.to_records(experiment=EXPERIMENT, op="indexer_topk", backend="deep_gemm",
+                                        variant="numerics", preset="flash", tokens=T):
+                    results.append(path, [rr])
+                    all_recs.append(rr)
+                fin = torch.isfinite(l_ref)
+                cd = numerics.calc_diff(l_dg[fin], l_ref[fin])
+                rec("indexer_topk", "deep_gemm", "numerics", T, "logits_calc_diff", "1", cd)
+                summary.append(f"indexer T={T}: overlap mean {ov.mean_overlap:.4f} min {ov.min_overlap:.3f} "
+                               f"unexplained rows {ov.unexplained_rows} logits calc_diff {cd:.2e}")
+            except Exception as e:
+                error("indexer_topk", "numerics", T, e)
+
+    # 2. timing ----------------------------------------------------------------------------------------
+    def time_attn(T, kind, variant, fn, cost, actual_bytes):
+        t = bench(fn)
+        r = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="sparse_attention", backend="triton",
+                        variant=variant, preset="flash", tokens=T, dtype="bfloat16")
+        r["tflops"] = cost.flops / (t.p50 * 1e-6) / 1e12
+        r["actual_bytes"] = actual_bytes
+        r["gbps_actual"] = actual_bytes / (t.p50 * 1e-6) / 1e9
+        if peaks is not None:
+            r["pct_bw_actual"] = 100 * actual_bytes / (t.p50 * 1e-6) / peaks.copy_bw
+            r["pct_bf16_peak"] = 100 * cost.flops / (t.p50 * 1e-6) / peaks.bf16_flops
+        results.append(path, [r])
+        all_recs.append(r)
+        return t, r
+
+    prefill_inputs = {}
+    if "sparse_attention_prefill" in ok:
+        for T in prefill_T:
+            for kind in ("csa", "hca", "window"):
+                if left() < 45:
+                    skip("sparse_attention", f"prefill-{kind}", T, "budget")
+                    continue
+                try:
+                    q, kv, idx, sink, r = attention_inputs(T, kind, dev, seed=1)
+                    cost = roofline.cost("sparse_attention_prefill", T=T, H=H, r=r, d=D_HEAD, W=W,
+                                         K_I=K_I if r == 4 else None)
+                    t, rr = time_attn(T, kind, f"prefill-{kind}", lambda: SA.sparse_attention_with_sink(
+                        q, kv, idx, sink, scale), cost, cost.bytes)
+                    summary.append(f"prefill {kind:6s} T={T:5d}: {t.p50:9.1f} us {rr['tflops']:7.1f} TFLOP/s "
+                                   f"({rr.get('pct_bf16_peak', float('nan')):.0f}% bf16 peak)")
+                    if T in ((8192,) if not dry else (64,)) and kind in ("csa", "hca"):
+                        prefill_inputs[kind] = (q, kv, idx, sink, r, cost)
+                    else:
+                        del q, kv, idx
+                except Exception as e:
+                    error("sparse_attention", f"prefill-{kind}", T, e)
+        # launch-config sweep at T=8192 (CSA/HCA): recorded, the default is not changed here
+        configs = [dict(block_h=64, block_n=64, num_warps=8), dict(block_h=32, block_n=32, num_warps=4),
+                   dict(block_h=64, block_n=32, num_warps=4), dict(block_h=64, block_n=32, num_warps=8, num_stages=3)]
+        for kind, (q, kv, idx, sink, r, cost) in prefill_inputs.items():
+            for cfg in configs[:1] if dry else configs:
+                if left() < 40:
+                    break
+                name = "prefill-" + kind + "-" + "-".join(f"{k}{v}" for k, v in cfg.items())
+                try:
+                    t, rr = time_attn(q.shape[0], kind, name, lambda: SA.sparse_attention_launch(
+                        q, kv, idx, sink, scale, **cfg), cost, cost.bytes)
+                    summary.append(f"  {name}: {t.p50:9.1f} us {rr['tflops']:7.1f} TFLOP/s")
+                except Exception as e:
+                    error("sparse_attention", name, q.shape[0], e)
+        prefill_inputs.clear()
+
+    if "sparse_attention_decode" in ok:
+        batches = [1, 2] if dry else [1, 16, 64, 256]
+        Ls = [512] if dry else [4096, 32768, 131072]
+        for L in Ls:
+            for kind in ("csa", "hca", "window"):
+                if kind == "window" and L != Ls[0]:
+                    continue
+                for B in batches:
+                    if left() < 35:
+                        skip("sparse_attention", f"decode-{kind}-L{L}", B, "budget")
+                        continue
+                    try:
+                        q, kv, idx, sink, r = decode_inputs(B, L, kind, dev, seed=B)
+                        cost = roofline.cost("sparse_attention_decode", T=B, L=L, H=H, r=r, d=D_HEAD, W=W,
+                                             K_I=K_I if r == 4 else None)
+                        actual = B * (idx.shape[1] * (2 * D_HEAD + 4) + 4 * H * D_HEAD)
+                        t, rr = time_attn(B, kind, f"decode-{kind}-L{L}", lambda: SA.sparse_attention_with_sink(
+                            q, kv, idx, sink, scale), cost, actual)
+                        rr_split = SA.default_config(B, H, idx.shape[1], D_HEAD)["num_splits"]
+                        summary.append(f"decode {kind:6s} L={L:6d} B={B:3d}: {t.p50:8.1f} us "
+                                       f"{rr['gbps_actual']:7.0f} GB/s ({rr.get('pct_bw_actual', float('nan')):.0f}% BW)"
+                                       f" splits={rr_split}")
+                        del q, kv, idx
+                    except Exception as e:
+                        error("sparse_attention", f"decode-{kind}-L{L}", B, e)
+
+    if "compressor" in ok:
+        from dsv4lab.kernels.triton.compressor import compress, compress_from_projections
+        for T in ([256] if dry else [4096, 16384]):
+            for r in (4, 128):
+                if left() < 30:
+                    skip("compressor", f"r{r}", T, "budget")
+                    continue
+                try:
+                    x, wkv, wg, ape, nw = compressor_inputs(T, r, dev, seed=2)
+                    A = x.float() @ wkv.float().T
+                    S = x.float() @ wg.float().T
+                    inv = inv_freq(dev)
+                    c = 2 if r == 4 else 1
+                    actual = 8 * c * T * D_HEAD + (T // r) * D_HEAD * 2
+                    t = bench(lambda: compress_from_projections(A, S, ape, nw, r, inv, head_dim=D_HEAD, fp8_nope=True))
+                    cost = roofline.cost("compressor", T=T, r=r, hd=D_HEAD)
+                    rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="compressor", backend="triton",
+                                     variant=f"pool-norm-rope-fp8-r{r}", preset="flash", tokens=T, dtype="float32")
+                    rr["actual_bytes"] = actual
+                    rr["gbps_actual"] = actual / (t.p50 * 1e-6) / 1e9
+                    if peaks is not None:
+                        rr["pct_bw_actual"] = 100 * actual / (t.p50 * 1e-6) / peaks.copy_bw
+                    results.append(path, [rr])
+                    all_recs.append(rr)
+                    t2 = bench(lambda: compress(x, wkv, wg, ape, nw, r, inv, head_dim=D_HEAD, fp8_nope=True))
+                    rec("compressor", "triton", f"with-gemms-r{r}", T, "time", "us", t2.p50, **tfields(t2))
+                    summary.append(f"compressor r={r:3d} T={T:5d}: kernel {t.p50:8.1f} us "
+                                   f"{rr['gbps_actual']:6.0f} GB/s ({rr.get('pct_bw_actual', float('nan')):.0f}% BW); "
+                                   f"with GEMMs {t2.p50:8.1f} us")
+                except Exception as e:
+                    error("compressor", f"r{r}", T, e)
+
+    if "indexer_q" in ok:
+        from dsv4lab.kernels.triton.indexer_q import indexer_q_rope_quant
+        for T in ([64] if dry else [4096, 16384]):
+            if left() < 25:
+                break
+            try:
+                q = torch.randn(T, N_I, D_I, device=dev).to(torch.bfloat16)
+                pos = torch.arange(T, device=dev)
+                w = torch.randn(T, N_I, device=dev)
+                inv = inv_freq(dev)
+                t = bench(lambda: indexer_q_rope_quant(q, pos, inv, w))
+                cost = roofline.cost("indexer_q_rope_quant", T=T, n_I=N_I, d_I=D_I)
+                rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="indexer_q_rope_quant",
+                                 backend="triton", variant="rope-fp8-fold", preset="flash", tokens=T, dtype="bfloat16")
+                rr["gbps"] = cost.bytes / (t.p50 * 1e-6) / 1e9
+                results.append(path, [rr])
+                all_recs.append(rr)
+                summary.append(f"indexer Q T={T:5d}: {t.p50:8.1f} us {rr['gbps']:6.0f} GB/s "
+                               f"({rr.get('pct_of_peak') or float('nan'):.0f}% of roofline peak)")
+            except Exception as e:
+                error("indexer_q_rope_quant", "time", T, e)
+
+    if "indexer_deep_gemm" in ok and not dry:
+        from dsv4lab.kernels.deep_gemm.indexer import indexer_topk as dg_topk, mqa_logits
+        from dsv4lab.kernels.reference.indexer_q import quant_indexer_k
+        from dsv4lab.kernels.triton.indexer_q import indexer_q_rope_quant
+        for T in (4096, 16384):
+            if left() < 25:
+                break
+            try:
+                n = T // 4
+                q8, w_out = indexer_q_rope_quant(torch.randn(T, N_I, D_I, device=dev).to(torch.bfloat16),
+                                                 torch.arange(T, device=dev), inv_freq(dev),
+                                                 torch.randn(T, N_I, device=dev))
+                k8, ks = quant_indexer_k(torch.randn(n, D_I, device=dev).to(torch.bfloat16))
+                ke = ((torch.arange(T, device=dev) + 1) // 4).to(torch.int32)
+                kstart = torch.zeros_like(ke)
+                t = bench(lambda: mqa_logits(q8, k8, ks, w_out, kstart, ke))
+                cost = roofline.cost("indexer_logits_prefill", T=T, n_I=N_I, d_I=D_I, materialize=True)
+                rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="indexer_logits",
+                                 backend="deep_gemm", variant="fp8_mqa_logits", preset="flash", tokens=T, dtype="fp8")
+                rr["tflops"] = cost.flops / (t.p50 * 1e-6) / 1e12
+                results.append(path, [rr])
+                all_recs.append(rr)
+                lg = mqa_logits(q8, k8, ks, w_out, kstart, ke)
+                t2 = bench(lambda: torch.topk(lg, K_I, dim=1))
+                rec("indexer_topk", "torch", "topk-only", T, "time", "us", t2.p50, **tfields(t2))
+                x, qr, wq_b, wp, wkv, wg, ape, nw = indexer_inputs(T, dev, seed=3)
+                pos = torch.arange(T, device=dev)
+                inv = inv_freq(dev)
+                t3 = bench(lambda: dg_topk(x, qr, pos, wq_b, wp, wkv, wg, ape, nw, inv, K_I), rep=10)
+                rec("indexer_topk", "deep_gemm", "end-to-end", T, "time", "us", t3.p50, **tfields(t3))
+                summary.append(f"indexer T={T:5d}: logits {t.p50:8.1f} us ({rr['tflops']:.0f} TFLOP/s causal), "
+                               f"topk {t2.p50:8.1f} us, whole op {t3.p50:8.1f} us")
+                del lg
+            except Exception as e:
+                error("indexer_topk", "time", T, e)
+
+    if "flex" in ok and not dry:
+        from dsv4lab.kernels.torch.flex_attention import build_block_mask, dense_mask, flex_with_sink
+        for T in (4096, 8192):
+            for kind in ("csa", "hca"):
+                if left() < (15 if T == 4096 else 40):
+                    skip("sparse_attention", f"flex-prefill-{kind}", T, "budget")
+                    continue
+                try:
+                    q, kv, idx, sink, r = attention_inputs(T, kind, dev, seed=1)
+                    allowed = dense_mask(idx, kv.shape[0])
+                    tm = time.perf_counter()
+                    bm = build_block_mask(allowed)
+                    torch.cuda.synchronize()
+                    mask_s = time.perf_counter() - tm
+                    anyrow = allowed.any(1)
+                    opts = None
+                    try:
+                        flex_with_sink(q, kv, bm, sink, scale, anyrow)
+                    except Exception:
+                        opts = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1}
+                        flex_with_sink(q, kv, bm, sink, scale, anyrow, kernel_options=opts)
+                    cost = roofline.cost("sparse_attention_prefill", T=T, H=H, r=r, d=D_HEAD, W=W,
+                                         K_I=K_I if r == 4 else None)
+                    t = bench(lambda: flex_with_sink(q, kv, bm, sink, scale, anyrow, kernel_options=opts), rep=10)
+                    rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="sparse_attention",
+                                     backend="torch", variant=f"flex-prefill-{kind}", preset="flash", tokens=T,
+                                     dtype="bfloat16")
+                    rr["tflops"] = cost.flops / (t.p50 * 1e-6) / 1e12
+                    rr["mask_build_s"] = mask_s
+                    rr["kernel_options"] = json.dumps(opts)
+                    results.append(path, [rr])
+                    all_recs.append(rr)
+                    summary.append(f"flex {kind:6s} T={T:5d}: {t.p50:9.1f} us {rr['tflops']:7.1f} TFLOP/s "
+                                   f"(dense-equivalent FLOPs not counted; mask build {mask_s:.1f} s)")
+                    del q, kv, idx, allowed, bm
+                except Exception as e:
+                    error("sparse_attention", f"flex-prefill-{kind}", T, e)
+
+    print("\n".join(["", "summary:"] + summary))
+    print(f"{len(all_recs)} records, {sum(r['metric'] == 'error' for r in all_recs)} errors, "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
