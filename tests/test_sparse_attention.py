@@ -144,3 +144,45 @@ def test_dsv4_attention_triton_backend(layer):
     pos = torch.arange(140)
     a, b = ref(x, pos), tri(x, pos)
     assert float((a.double() - b.double()).norm() / a.double().norm()) < 2.0 ** -5
+
+
+_AOT_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from dsv4lab.kernels.triton import compressor as C, sparse_attention as SA
+sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "idx_ptr": "*i32", "sink_ptr": "*fp32", "o_ptr": "*bf16",
+       "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "n_heads": "i32", "n_rows": "i32", "n_cand": "i32",
+       "split_len": "i32", "n_splits": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kv": "i32",
+       "stride_it": "i32", "stride_ot": "i32", "stride_oh": "i32", "scale_log2e": "fp32"}
+cfg = SA.default_config(8192, 64, 640, 512)          # the Flash prefill launch
+consts = {"HEAD_DIM": 512, "BLOCK_H": cfg["block_h"], "BLOCK_N": cfg["block_n"], "SPLIT": False, "DOT_FP32": False,
+          "CONST_SPLIT_LEN": 0}
+k = triton.compile(triton.compiler.ASTSource(fn=SA._sparse_attn_kernel, signature={**sig, **{c: "constexpr" for c in consts}},
+                                             constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+csig = {"a_ptr": "*fp32", "s_ptr": "*fp32", "ape_ptr": "*fp32", "norm_w_ptr": "*bf16", "cos_ptr": "*fp32",
+        "sin_ptr": "*fp32", "out_ptr": "*bf16", "pooled_ptr": "*fp32", "stride_row": "i32", "eps": "fp32"}
+cc = {"HEAD_DIM": 512, "ROPE_DIM": 64, "FP8_NOPE": True, "QBLOCK": 64, "AMAX_FLOOR": 1e-4, "SOFT_ROUND": False,
+      "RATIO": 4, "OVERLAP": True, "BLOCK_C": 512, "CHUNK": 8, "FINISH": True}
+kc = triton.compile(triton.compiler.ASTSource(fn=C._compress_kernel, signature={**csig, **{c: "constexpr" for c in cc}},
+                                              constexprs=cc), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+print(k.metadata.shared, "mma" in k.asm["ptx"], len(kc.asm["cubin"]) > 0)
+"""
+
+
+def test_sm90_builds():
+    """The Flash prefill launch of the attention kernel and the fused ratio-4 compressor compile to sm_90a (AOT, no
+    GPU needed): tensor-core MMA in the PTX, shared memory within the H100's 227 KiB per block."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0 and "CUDA" in proc.stderr and "backend" in proc.stderr.lower():
+        pytest.skip(f"triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shared, mma, cubin = proc.stdout.split()
+    assert int(shared) <= 227 * 1024 and mma == "True" and cubin == "True"
