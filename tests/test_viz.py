@@ -1,5 +1,6 @@
 """lab.viz: the data behind each chart (hand cases, the references, brute-force reformulations) and that each
 figure draws exactly that data."""
+import math
 import subprocess
 import sys
 
@@ -17,6 +18,16 @@ pytest.importorskip("plotly")
 def test_importing_viz_does_not_import_plotly():
     code = "import sys, dsv4lab.lab.viz; assert 'plotly' not in sys.modules, 'plotly imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_describe_hand_case():
+    x = torch.tensor([[1.0, 2.0], [3.0, float("-inf")]])
+    d = viz.describe(x=x, ids=torch.tensor([5, 7]), missing=None, head=3)
+    assert d.loc["x", "shape"] == "[2, 2]" and d.loc["x", "dtype"] == "float32"
+    assert (d.loc["x", "mean"], d.loc["x", "min"], d.loc["x", "max"], d.loc["x", "nonfinite"]) == (2.0, 1.0, 3.0, 1)
+    assert d.loc["x", "std"] == pytest.approx(1.0) and d.loc["x", "first"] == "1, 2, 3"
+    assert d.loc["ids", "mean"] == 6.0 and d.loc["ids", "dtype"] == "int64"
+    assert d.loc["missing", "shape"] == "(absent)"
 
 
 # ---- Sinkhorn ---------------------------------------------------------------------------------------
@@ -54,9 +65,10 @@ def test_sinkhorn_passes_reject_bad_input():
 
 def test_sinkhorn_figure_draws_the_history():
     h = viz.sinkhorn_history(torch.randn(2, 4, 4), iters=3)
-    fig = viz.sinkhorn_figure(h)
-    assert [t.name for t in fig.data] == ["rows", "columns"]
-    assert list(fig.data[0].y) == pytest.approx(h.row_err.clip(lower=1e-18).tolist())
+    fig = viz.sinkhorn_figure(h, eps=1e-6)
+    assert [t.name for t in fig.data] == ["rows (after the column pass)", "columns (after the row pass)"]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == pytest.approx(h.row_err[1::2].tolist())
+    assert list(fig.data[1].y) == pytest.approx(h.col_err[0::2].tolist())
     assert fig.layout.yaxis.type == "log"
 
 
@@ -154,6 +166,31 @@ def test_entry_scores_figure_marks_the_selection():
     fig = viz.entry_scores_figure(logits, sel)
     assert list(fig.data[1].x) == [0, 1, 0] and list(fig.data[1].y) == [0, 1, 1]
     assert torch.isnan(torch.tensor(fig.data[0].z, dtype=torch.float64)[0, 1])
+
+
+def test_attention_mass_hand_case_and_reference():
+    # one query, one head, two window keys with logits 0 and ln 2, one compressed key with logit ln 3, sink ln 4
+    d = 2
+    kv = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    q = torch.tensor([[[2 ** 0.5 * math.log(2), 2 ** 0.5 * math.log(3)]]], dtype=torch.float64)
+    idx = torch.tensor([[0, 1, 2, -1]])
+    m = viz.attention_mass(q, kv, idx, torch.tensor([math.log(4)]), d ** -0.5, n_window=2)
+    assert m.loc[0, ["window", "compressed", "sink"]].tolist() == pytest.approx([3 / 10, 3 / 10, 4 / 10])
+    # mass-weighted output reproduces the reference core: o = (window + compressed part) of sum p K
+    from dsv4lab.kernels.reference.attention import sparse_attention_with_sink
+    T, H = 5, 3
+    q, kv = torch.randn(T, H, 8), torch.randn(7, 8)
+    idx = torch.randint(-1, 7, (T, 4))
+    sink = torch.randn(H)
+    m = viz.attention_mass(q, kv, idx, sink, 8 ** -0.5, n_window=3)
+    assert (m[["window", "compressed", "sink"]].sum(axis=1) - 1).abs().max() < 1e-12
+    ones = torch.ones(7, 8)        # with every value row = 1, o[t, h] = 1 - p_sink(t, h)
+    o = sparse_attention_with_sink(q, ones, idx, sink, 8 ** -0.5).double()
+    sink_only = viz.attention_mass(q, ones, idx, sink, 8 ** -0.5, n_window=3)   # logits use the same keys
+    # o is bf16: |error| <= 2^-9 relative per head before the mean
+    assert (1 - o[..., 0].mean(1)).tolist() == pytest.approx(sink_only.sink.tolist(), abs=2 ** -8)
+    fig = viz.attention_mass_figure({"L": m})
+    assert [t.name for t in fig.data] == ["window", "compressed", "sink"] and list(fig.data[2].y) == m.sink.tolist()
 
 
 # ---- MoE -------------------------------------------------------------------------------------------

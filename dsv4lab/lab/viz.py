@@ -7,16 +7,44 @@ bench scripts import ``dsv4lab.lab`` on the GPU host, which has no plotly.
 - mHC: ``sinkhorn_passes`` / ``sinkhorn_history`` (row and column sum error after every normalisation pass) ->
   ``sinkhorn_figure``; ``mix_heatmaps`` (pre, post and one token's comb).
 - attention: ``attention_sets`` (which keys each query attends, in token space) -> ``attention_sets_figure``;
-  ``entry_scores_figure`` (indexer logits over compressed entries, the selected ones marked).
+  ``entry_scores_figure`` (indexer logits over compressed entries, the selected ones marked); ``attention_mass``
+  (probability on window / compressed entries / sink) -> ``attention_mass_figure``.
 - MoE: ``expert_load`` -> ``expert_load_figure``; ``router_scores_figure``.
 - MTP: ``row_rms`` -> ``mtp_norm_figure``; ``logit_agreement`` -> ``agreement_figure``.
 - stored results: ``latest``, ``stored_label``, ``stored_time_figure``.
+- tensors: ``describe`` (shape, dtype, stats and first values of named intermediates, as a table).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+
+# ---- tensors --------------------------------------------------------------------------------------
+
+
+def describe(head: int = 4, **tensors: torch.Tensor | None):
+    """One row per named tensor: ``shape``, ``dtype``, ``mean``, ``std``, ``min``, ``max`` (fp64, over finite
+    values; -inf/+inf/NaN counted in ``nonfinite``) and the first ``head`` values of the flattened tensor.
+    ``None`` entries are listed as absent."""
+    import pandas as pd
+
+    rows = []
+    for name, t in tensors.items():
+        if t is None:
+            rows.append(dict(tensor=name, shape="(absent)"))
+            continue
+        x = t.detach().cpu()
+        x64 = x.double() if not x.dtype.is_complex else x.abs().double()
+        finite = x64[torch.isfinite(x64)]
+        stats = dict(mean=float(finite.mean()), std=float(finite.std()) if finite.numel() > 1 else 0.0,
+                     min=float(finite.min()), max=float(finite.max())) if finite.numel() else {}
+        first = x64.flatten()[:head].tolist()
+        rows.append(dict(tensor=name, shape=str(list(x.shape)), dtype=str(x.dtype).removeprefix("torch."), **stats,
+                         nonfinite=int(x64.numel() - finite.numel()),
+                         first=", ".join(f"{v:.4g}" for v in first)))
+    return pd.DataFrame(rows).set_index("tensor")
+
 
 # ---- mHC: Sinkhorn --------------------------------------------------------------------------------
 
@@ -58,23 +86,28 @@ def sinkhorn_history(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6):
     return pd.DataFrame(rows).rename(columns={"kind": "pass"})
 
 
-def sinkhorn_figure(history, title: str = "Sinkhorn-Knopp: distance from doubly stochastic"):
-    """Row and column sum error vs normalisation pass, log y. ``history`` from ``sinkhorn_history`` (or several
-    concatenated with a ``label`` column)."""
+def sinkhorn_figure(history, eps: float | None = None, title: str = "Sinkhorn-Knopp: distance from doubly stochastic"):
+    """Per iteration: the row-sum error after its column pass and the column-sum error after its row pass (the
+    marginal each pass leaves unfixed), log y. ``history`` from ``sinkhorn_history`` (several concatenated with a
+    ``label`` column give one colour per label); ``eps`` draws the floor a pass leaves on its own marginal."""
     import plotly.graph_objects as go
+    import plotly.colors
 
     fig = go.Figure()
-    groups = history.groupby("label", sort=False) if "label" in history.columns else [("", history)]
-    for label, h in groups:
-        for col, dash in (("row_err", "solid"), ("col_err", "dot")):
-            name = f"{label} {'rows' if col == 'row_err' else 'columns'}".strip()
-            y = h[col].clip(lower=1e-18)            # an exact 0 has no place on a log axis
-            fig.add_trace(go.Scatter(x=h["step"], y=y, mode="lines+markers", name=name, line=dict(dash=dash),
-                                     hovertext=[f"iteration {i}, after the {p} pass" for i, p in
-                                                zip(h["iteration"], h["pass"])]))
+    groups = list(history.groupby("label", sort=False)) if "label" in history.columns else [("", history)]
+    palette = plotly.colors.qualitative.Plotly
+    for i, (label, h) in enumerate(groups):
+        colour = palette[i % len(palette)]
+        for kind, col, what, dash in (("column", "row_err", "rows", "solid"), ("row", "col_err", "columns", "dot")):
+            part = h[h["pass"] == kind]
+            fig.add_trace(go.Scatter(x=part["iteration"], y=part[col].clip(lower=1e-18), mode="lines+markers",
+                                     name=f"{label} {what} (after the {kind} pass)".strip(),
+                                     line=dict(dash=dash, color=colour)))
+    if eps is not None:
+        fig.add_hline(y=eps, line_dash="dash", line_color="grey", annotation_text=f"eps = {eps:g}")
     fig.update_yaxes(type="log", title="max |sum - 1|", exponentformat="e")
-    fig.update_xaxes(title="normalisation pass (odd = rows, even = columns)")
-    fig.update_layout(title=title, height=380, margin=dict(t=50, l=60, r=20, b=50))
+    fig.update_xaxes(title="iteration")
+    fig.update_layout(title=title, height=400, margin=dict(t=50, l=60, r=20, b=50))
     return fig
 
 
@@ -91,11 +124,13 @@ def mix_heatmaps(pre: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, toke
                          f"{tuple(comb.shape)}")
     if not 0 <= token < t:
         raise ValueError(f"token: expected 0 <= token < {t}, got {token}")
-    fig = make_subplots(1, 3, column_widths=[0.3, 0.3, 0.4], horizontal_spacing=0.08,
+    fig = make_subplots(1, 3, column_widths=[0.3, 0.3, 0.4], horizontal_spacing=0.1,
                         subplot_titles=(f"pre [T={t}, n]", f"post [T={t}, n]", f"comb[token {token}] (j -> k)"))
     streams = [f"s{i}" for i in range(n)]
     for col, (m, scale) in enumerate(((pre, "Blues"), (post, "Greens")), start=1):
-        fig.add_trace(go.Heatmap(z=m.float().cpu().numpy(), x=streams, colorscale=scale, showscale=False,
+        right = fig.layout[f"xaxis{col if col > 1 else ''}"].domain[1]
+        fig.add_trace(go.Heatmap(z=m.float().cpu().numpy(), x=streams, colorscale=scale,
+                                 colorbar=dict(x=right + 0.005, len=0.9, thickness=10),
                                  hovertemplate="token %{y}, stream %{x}: %{z:.4f}<extra></extra>"), 1, col)
         fig.update_yaxes(autorange="reversed", title="token" if col == 1 else None, row=1, col=col)
     c = comb[token].float().cpu().numpy()
@@ -199,6 +234,51 @@ def entry_scores_figure(logits: torch.Tensor, sel: torch.Tensor, title: str = "L
     fig.update_yaxes(autorange="reversed", title="query t")
     fig.update_xaxes(title="compressed entry j (pools tokens 4j..4j+3)")
     fig.update_layout(title=title, height=440, margin=dict(t=50, l=60, r=20, b=50))
+    return fig
+
+
+def attention_mass(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
+                   n_window: int):
+    """Where each query's softmax probability goes, averaged over heads: DataFrame ``t, window, compressed, sink``.
+
+    Same softmax as ``reference.attention.sparse_attention_with_sink`` (``q`` [T, H, d], ``kv`` [N, d], ``idx``
+    [T, M] with -1 masked, ``sink`` [H]): ``p_u = exp(l_u) / (sum_u' exp(l_u') + exp(sink_h))``. The first
+    ``n_window`` columns of ``idx`` are the window, the rest compressed entries; the sink takes the remainder.
+    Rows sum to 1 (fp64).
+    """
+    T, H, d = q.shape
+    if idx.shape[0] != T or not 0 <= n_window <= idx.shape[1] or sink.shape != (H,):
+        raise ValueError(f"idx/n_window/sink: expected idx [{T}, M], 0 <= n_window <= M, sink [{H}]; got "
+                         f"{tuple(idx.shape)}, {n_window}, {tuple(sink.shape)}")
+    import pandas as pd
+
+    kv_pad = torch.cat([kv.double(), kv.new_zeros(1, d, dtype=torch.float64)])
+    keys = kv_pad[torch.where(idx < 0, kv.shape[0], idx.long())]                     # [T, M, d]
+    logits = torch.einsum("thd,tmd->thm", q.double(), keys) * scale
+    logits = logits.masked_fill((idx < 0)[:, None, :], float("-inf"))
+    sink_l = sink.double().view(1, H, 1).expand(T, H, 1)
+    full = torch.cat([logits, sink_l], dim=-1)
+    p = torch.softmax(full, dim=-1)                                                   # sink = the last column
+    mass = torch.stack([p[..., :n_window].sum(-1), p[..., n_window:-1].sum(-1), p[..., -1]], -1).mean(1)
+    return pd.DataFrame(mass.numpy(), columns=["window", "compressed", "sink"]).rename_axis("t").reset_index()
+
+
+def attention_mass_figure(masses: Mapping[str, Any], title: str = "Where the attention probability goes"):
+    """Stacked areas (window, compressed entries, sink) vs query t, one panel per ``attention_mass`` table."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(masses)
+    fig = make_subplots(1, len(names), subplot_titles=names, shared_yaxes=True, horizontal_spacing=0.03)
+    colours = {"window": _SET_COLOURS[4], "compressed": _SET_COLOURS[3], "sink": "#868e96"}
+    for col, name in enumerate(names, start=1):
+        df = masses[name]
+        for part in ("window", "compressed", "sink"):
+            fig.add_trace(go.Scatter(x=df["t"], y=df[part], stackgroup="one", name=part, legendgroup=part,
+                                     showlegend=col == 1, line=dict(width=0.5, color=colours[part])), 1, col)
+        fig.update_xaxes(title="query t", row=1, col=col)
+    fig.update_yaxes(title="probability (mean over heads)", range=[0, 1], row=1, col=1)
+    fig.update_layout(title=title, height=380, margin=dict(t=70, l=60, r=20, b=50))
     return fig
 
 
