@@ -230,7 +230,7 @@ def run_smoke(dev: str, timeout: float) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--budget", type=float, default=145.0, help="seconds for the whole script")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds for the whole script (smoke <= 90 s of it)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--smoke-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{EXPERIMENT}: {results.provenance().get('gpu')} | torch {torch.__version__} | records -> {path}")
 
     # 0. smoke
-    smoke = run_smoke(dev, timeout=min(60.0, max(10.0, left() * 0.4)))
+    smoke = run_smoke(dev, timeout=min(90.0, max(10.0, left() * 0.55)))
     for op, st in smoke.items():
         rec(op, "-", "smoke", None, "smoke", None, 1.0 if st.startswith("ok") else 0.0, status=st, dtype=None)
         print(f"  smoke {op:26s} {st[:150]}")
