@@ -95,9 +95,12 @@ def test_sm100_path_is_gated_with_a_clear_message():
         mm.require_sm100()
     ok, why = registry.availability("mega_moe", "deep_gemm")
     assert not ok and why
-    x = torch.zeros(2, 256, dtype=torch.bfloat16)
-    with pytest.raises(mm.MegaMoEUnavailable, match="SM100"):               # raised before deep_gemm is imported
-        mm.mega_moe(x, torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int64), *pr.make_weights(2, 256, 128),
-                    swiglu_limit=10.0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(2, 256, dtype=torch.bfloat16, device=dev)
+    # raised before deep_gemm is imported: CPU tensors are refused first (the argument), then a non-SM100 GPU
+    err = (mm.MegaMoEUnavailable, "SM100") if dev == "cuda" else (ValueError, "x: .*CUDA")
+    with pytest.raises(err[0], match=err[1]):
+        mm.mega_moe(x, torch.ones(2, 2, device=dev), torch.zeros(2, 2, dtype=torch.int64, device=dev),
+                    *(w.to(dev) for w in pr.make_weights(2, 256, 128)), swiglu_limit=10.0)
     b = torch.arange(1, 255, dtype=torch.uint8)
     assert torch.equal(mm.ue8m0_bytes_to_fp32(b), ue8m0_to_float(b))

@@ -167,11 +167,17 @@ class Case:
     expect: str                                # "ValueError" | "TypeError" | "empty" | "nan" | "ok"
     arg: str | None = None                     # the argument the error message must name
     tokens: int = 5                            # base_inputs' token count for this row
+    per_backend: tuple[tuple[str, str], ...] = ()   # (backend, expect) where a backend differs (e.g. layouts)
+
+    def expected(self, backend: str) -> str:
+        return dict(self.per_backend).get(backend, self.expect)
 
 
 def bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
     """{parameter name: value} of a call, so mutations address arguments by name."""
-    return dict(inspect.signature(fn).bind(*args, **kwargs).arguments)
+    ba = inspect.signature(fn).bind(*args, **kwargs)
+    ba.apply_defaults()
+    return dict(ba.arguments)
 
 
 def call(fn: Callable[..., Any], bound: dict[str, Any]) -> Any:
@@ -341,7 +347,8 @@ CASES: dict[str, list[Case]] = {
         Case("hnorm_weight_wrong_length", trim_last("hnorm_weight"), "ValueError", "hnorm_weight"),
         Case("embed_int", cast("embed", torch.int32), "TypeError", "embed"),
         Case("eps_negative", replace("eps", -1.0), "ValueError", "eps"),
-        Case("embed_non_contiguous", non_contiguous("embed"), "ValueError", "embed"),
+        Case("embed_non_contiguous", non_contiguous("embed"), "ValueError", "embed",
+             per_backend=(("reference", "ok"),)),
         Case("zero_tokens", T0, "empty", tokens=0),
         _nan_row("embed"), _nan_row("prev"),
     ],
@@ -350,15 +357,18 @@ CASES: dict[str, list[Case]] = {
         Case("weight_wrong_length", trim_last("weight"), "ValueError", "weight"),
         Case("h_int", cast("h", torch.int32), "TypeError", "h"),
         Case("eps_negative", replace("eps", -1.0), "ValueError", "eps"),
-        Case("h_non_contiguous", non_contiguous("h"), "ValueError", "h"),
+        Case("h_non_contiguous", non_contiguous("h"), "ValueError", "h", per_backend=(("reference", "ok"),)),
         Case("zero_tokens", T0, "empty", tokens=0),
         _nan_row("h"), _inf_row("h"),
     ],
     "router_gemm": [
         Case("x_rank3", add_dim("x"), "ValueError", "x"),
         Case("weight_wrong_k", trim_last("weight"), "ValueError", "weight"),
-        Case("x_fp32", cast("x", torch.float32), "TypeError", "x"),
-        Case("weight_fp16", cast("weight", torch.float16), "TypeError", "weight"),
+        # the reference is the fp32-math oracle of any float input; the GEMM backends take bf16 only
+        Case("x_fp32", cast("x", torch.float32), "TypeError", "x", per_backend=(("reference", "ok"),)),
+        Case("weight_fp16", cast("weight", torch.float16), "TypeError", "weight",
+             per_backend=(("reference", "ok"),)),
+        Case("x_int", cast("x", torch.int32), "TypeError", "x"),
         Case("zero_tokens", T0, "empty", tokens=0),
         _nan_row("x"),
     ],
@@ -392,7 +402,8 @@ CASES: dict[str, list[Case]] = {
                  lambda b: b.__setitem__("input_ids", torch.zeros(b["logits"].shape[0], dtype=torch.int64,
                                                                   device=b["logits"].device))),
              "ValueError", "tid2eid"),
-        Case("logits_non_contiguous", non_contiguous("logits"), "ok"),
+        Case("logits_non_contiguous", non_contiguous("logits"), "ok", "logits",
+             per_backend=(("triton", "ValueError"),)),
         Case("zero_tokens", T0, "empty", tokens=0),
         _nan_row("logits"),
     ],
@@ -401,7 +412,8 @@ CASES: dict[str, list[Case]] = {
         Case("x_wrong_hidden", trim_last("x", 128), "ValueError", "x"),
         Case("x_int", cast("x", torch.int32), "TypeError", "x"),
         Case("w1_float", cast("w1", torch.float32), "TypeError", "w1"),
-        Case("weights_wrong_k", trim_last("weights"), "ValueError", "weights"),
+        Case("ids_wrong_k", trim_last("ids"), "ValueError", "ids"),
+        Case("weights_wrong_tokens", trim_first("weights"), "ValueError", "weights"),
         Case("ids_float", cast("ids", torch.float32), "TypeError", "ids"),
         Case("ids_out_of_range", fill("ids", 1000), "ValueError", "ids"),
         Case("ids_negative", fill("ids", -1), "ValueError", "ids"),
@@ -470,7 +482,7 @@ CASES: dict[str, list[Case]] = {
         Case("idx_out_of_range", fill("idx", 10_000), "ValueError", "idx"),
         Case("idx_below_minus_one", fill("idx", -2), "ValueError", "idx"),
         Case("sink_wrong_heads", trim_last("sink"), "ValueError", "sink"),
-        Case("scale_negative", replace("scale", -1.0), "ValueError", "scale"),
+        Case("scale_tensor", replace("scale", torch.tensor(0.1)), "TypeError", "scale"),
         Case("all_rows_masked", fill("idx", -1), "ok"),    # only the sink: output 0
         Case("zero_tokens", T0, "empty", tokens=0),
         _nan_row("q"),
@@ -497,7 +509,13 @@ CASES: dict[str, list[Case]] = {
 }
 CASES["mega_moe"] = CASES["moe_experts"]
 
-
-def device_case(op: str) -> Case:
-    """A GPU-only backend given CPU tensors must refuse (ValueError/TypeError) before any launch."""
-    return Case("cpu_tensors_to_gpu_backend", lambda b: None, "ValueError|TypeError", None)
+# (op, backend, case) -> why the row does not hold yet. The inventory test marks these xfail(strict): a fix turns
+# them into failures until the entry is removed. "interpreter:" entries only apply under TRITON_INTERPRET=1.
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {
+    ("compressor", "triton", "head_dim_zero"):
+        "the Triton compressor's message names wkv ('wkv: expected shape [0, 256]'), not head_dim",
+    ("inv_rope_fp8_quant", "triton", "nan_in_o"):
+        "interpreter: Triton's interpreter casts fp32 NaN to e4m3 0x7C (= 256); the hardware cast keeps NaN",
+    ("indexer_q_rope_quant", "triton", "nan_in_q"):
+        "interpreter: Triton's interpreter casts fp32 NaN to e4m3 0x7C (= 256); the hardware cast keeps NaN",
+}

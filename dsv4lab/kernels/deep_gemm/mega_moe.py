@@ -213,10 +213,12 @@ def mega_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
              shared: Weights3 | None = None) -> torch.Tensor:
     """Registry backend ``mega_moe/deep_gemm`` (``moe_fp4``'s arguments): SM100 only, one rank. Routed experts
     through ``fp8_fp4_mega_moe``; the shared expert (if any) in fp32 and added before the bf16 rounding."""
-    require_sm100()
     chk.tensor("x", x, (torch.bfloat16,), dim=2)
     _check_routing(x, weights, ids, w1.shape[0])
     _check_shared(shared, x.shape[1])
+    if x.device.type != "cuda":   # the argument's fault, before the machine's (require_sm100)
+        raise ValueError(f"x: the mega_moe backend needs CUDA tensors, got device {x.device}")
+    require_sm100()
     key = tuple((t.data_ptr(), t._version) for t in (w1, w1_scale, w3, w3_scale, w2, w2_scale)) + (ids.shape[1],)
     if key not in _SM100_CACHE:
         _SM100_CACHE.clear()

@@ -251,7 +251,8 @@ def sparse_attention_with_sink(q: torch.Tensor, kv: torch.Tensor, idx: torch.Ten
         p = torch.exp(logits - m)
         denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink_l - m)
         o = torch.einsum("thm,tmd->thd", p, keys)
-        out[t0:t1] = torch.where(denom > 0, o / denom, torch.zeros_like(o)).to(torch.bfloat16)
+        # only a zero denominator (sink -inf, nothing listed) gives 0; NaN must propagate, not turn into 0
+        out[t0:t1] = torch.where(denom == 0, torch.zeros_like(o), o / denom).to(torch.bfloat16)
     return out
 
 

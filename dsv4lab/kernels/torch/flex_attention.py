@@ -73,6 +73,9 @@ def sparse_attention_flex(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, 
     check_tensor("sink", sink, dtypes=ANY_FLOAT, shape=(H,))
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale: expected a python float, got {type(scale).__name__}")
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= kv.shape[0]):   # the dense mask would index out
+        raise ValueError(f"idx: expected entries in [-1, {kv.shape[0] - 1}] (rows of kv, -1 = masked), "
+                         f"got range [{int(idx.min())}, {int(idx.max())}]")
     if T == 0:
         return torch.empty(0, H, d, dtype=torch.bfloat16, device=q.device)
     allowed = dense_mask(idx, kv.shape[0])
