@@ -103,7 +103,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             recs = mod.run(device=device, quick=args.quick, preset=args.preset)
         except Exception as e:  # one experiment failing must not hide the others
             failures += 1
-            all_rows.append({"experiment": name, "metric": "error", "value": f"{type(e).__name__}: {e}"})
+            msg = f"{type(e).__name__}: {e}"
+            all_rows.append({"experiment": name, "metric": "error", "value": msg})
+            # stored too, so `dsv4lab report` lists the failed run next to the experiment's other records
+            results.append(results.results_path(getattr(mod, "EXPERIMENT", name), root=out_root),
+                           results.record(getattr(mod, "EXPERIMENT", name), "(run)", "-", "run", args.preset, None,
+                                          None, "error", None, None, message=msg, device=device))
             continue
         if recs:
             results.append(results.results_path(mod.EXPERIMENT, root=out_root), recs)

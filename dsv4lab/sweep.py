@@ -72,11 +72,18 @@ def bench(op: str, preset: str = "flash", tokens: list[int] = (1, 64, 4096), dev
     cases = [(o, t) for o in ops for t in tokens]
     for o, t in tqdm(cases, desc="bench", disable=len(cases) < 3):
         base = dict(experiment=EXPERIMENT, op=o, preset=preset, tokens=t)
-        args, kwargs = kin.make_inputs(o, cfg, t, device=device, seed=t)
-        ref = registry.get(o, "reference")
-        ref_out = _outputs(ref(*args, **kwargs))
-        oracle = _oracle(ref, args, kwargs) or ref_out
+        try:
+            args, kwargs = kin.make_inputs(o, cfg, t, device=device, seed=t)
+            ref = registry.get(o, "reference")
+            ref_out = _outputs(ref(*args, **kwargs))
+            oracle = _oracle(ref, args, kwargs) or ref_out
+        except Exception as e:  # no inputs/reference for this case: record it, go on with the next case
+            recs.append(results.record(backend="reference", variant="bench", dtype=None, metric="error", unit=None,
+                                       value=None, message=f"{type(e).__name__}: {e}", **base))
+            continue
         for name in backends or registry.backends(o):
+            if name not in registry.backends(o):   # a backend list for "all": not every op has every backend
+                continue
             ok, why = registry.availability(o, name)
             if not ok:
                 recs.append(results.record(backend=name, variant="bench", dtype=None, metric="unavailable",

@@ -187,3 +187,24 @@ def test_results_path_validation(tmp_path):
 def test_load_of_missing_root_is_empty(tmp_path):
     df = load(root=tmp_path / "nothing")
     assert len(df) == 0 and df.attrs["problems"] == []
+
+
+def test_crash_mid_write_while_another_process_appends(tmp_path):
+    """Two healthy writers and one that dies halfway through its write, all at once: every healthy batch is whole
+    and present, the torn line is the only problem, and it never swallows the start of a neighbour's line."""
+    path = tmp_path / "cpu" / "unit.jsonl"
+    rec = _rec(pad="z" * 6000)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w, 30, rec)) for w in range(2)]
+    procs.append(ctx.Process(target=_torn_append, args=(path, _rec(value=-1.0, pad="t" * 6000))))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 3]
+    problems = []
+    recs = read_records(path, strict=False, problems=problems)
+    assert len(problems) == 1                     # exactly the torn half line
+    assert len(recs) == 2 * 30 * 3 and all(r["value"] != -1.0 for r in recs)
+    for w in range(2):
+        assert sorted({r["batch"] for r in recs if r["worker"] == w}) == list(range(30))

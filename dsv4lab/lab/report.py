@@ -106,7 +106,8 @@ def _section(page: _Page, exp: str, df) -> None:
              f"{_esc(_label(df))}</p>")
     status = df[df["metric"].isin(STATUS_METRICS)]
     data = df[~df["metric"].isin(STATUS_METRICS)]
-    numeric = data[data["value"].map(_is_number)]
+    is_num = data["value"].map(_is_number).astype(bool)   # bool even when empty: an object mask selects columns
+    numeric = data[is_num]
     times = numeric[numeric["metric"] == "time"]
     for op, grp in times.groupby("op", sort=True):
         modes = ", ".join(sorted(grp["timing_mode"].dropna().astype(str).unique())) if "timing_mode" in grp else ""
@@ -116,7 +117,7 @@ def _section(page: _Page, exp: str, df) -> None:
         unit = next((u for u in grp["unit"].dropna().astype(str).unique()), "")
         page.chart(_figure(grp, f"{exp}: {metric}", f"{metric} [{unit}]" if unit else metric,
                            ("slug", "op", "backend", "variant"), False))
-    other = data[~data["value"].map(_is_number)]
+    other = data[~is_num]
     if len(other):
         page.add("<h3>Boolean and text results</h3>")
         page.add(_table(other, ["op", "backend", "variant", "preset", "tokens", "dtype", "metric", "value",
