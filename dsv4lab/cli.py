@@ -117,11 +117,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"\n== {getattr(mod, 'TITLE', name)}  ({len(recs)} records, {time.perf_counter() - t0:.1f} s)")
         cols = [c for c in _COMPARE_COLS if any(r.get(c) not in (None, "") for r in rows)]
         print(_table(rows, cols))
+    if args.checkpoint:
+        failures += _compare_checkpoint(args, device, out_root)
     missing = [r for r in all_rows if r.get("metric") in ("unavailable", "error")]
     if missing:
         print("\n== not run")
         print(_table(missing, ["experiment", "metric", "value"]))
     return 1 if failures else 0
+
+
+CHECKPOINT_OPS = ("mhc_pre", "mhc_fused_post_pre", "rmsnorm", "router_gemm", "moe_routing",
+                  "hc_head", "mtp_input_rmsnorm", "mtp_shared_head_rmsnorm")
+
+
+def _compare_checkpoint(args: argparse.Namespace, device: str, out_root: Path) -> int:
+    """Every backend of every op the layer's real weights feed, against the reference (real weights,
+    synthetic unit-RMS activations). Returns the number of ops that failed to run."""
+    from . import checkpoint, sweep
+    from .kernels import registry
+    from .lab import results
+
+    layer = args.layer if args.layer is not None else "0"
+    lw = checkpoint.layer_inputs_from(args.checkpoint, int(layer) if layer.isdigit() else layer, experts=[])
+    tokens = [1, 64] if args.quick else [1, 64, 4096]
+    print(f"\n== real weights: {args.checkpoint}, layer {lw.prefix.rstrip('.') or 'top'} ({lw.cfg.name})")
+    rows, failures = [], 0
+    for op in CHECKPOINT_OPS:
+        if op not in registry.ops():
+            continue
+        try:
+            lw.op_inputs(op, 1)
+        except ValueError as e:  # the op needs tensors another layer has (e.g. hc_head: 'top')
+            rows.append({"op": op, "note": f"skipped: {e}"})
+            continue
+        try:
+            recs = sweep.bench(op, tokens=tokens, device=device, weights=lw)
+        except Exception as e:
+            failures += 1
+            rows.append({"op": op, "note": f"error: {type(e).__name__}: {e}"})
+            continue
+        results.append(results.results_path(sweep.EXPERIMENT, root=out_root), recs)
+        rows.extend(_summary_rows(recs))
+    print(_table(rows, [c for c in _COMPARE_COLS if any(r.get(c) not in (None, "") for r in rows)]))
+    return failures
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -166,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--full", dest="quick", action="store_false", help="all shapes of the experiment design")
     s.add_argument("--only", nargs="*", help="experiment module names to run")
     s.add_argument("--out", default="out/results", help="results root (default: out/results, not data/)")
+    s.add_argument("--checkpoint", help="a DSv4 checkpoint (dir or .safetensors): also run every op on its real weights")
+    s.add_argument("--layer", default=None, help="with --checkpoint: layer index, 'mtp' or 'top' (default 0)")
     s.set_defaults(func=cmd_compare)
     s = sub.add_parser("bench", help="time one op (or all) through every available backend")
     s.add_argument("op")

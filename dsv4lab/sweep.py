@@ -53,14 +53,19 @@ def _cost(op: str, cfg, tokens: int):
 
 
 def bench(op: str, preset: str = "flash", tokens: list[int] = (1, 64, 4096), device: str = "cpu",
-          backends: list[str] | None = None, graph: bool = False) -> list[dict[str, Any]]:
-    """Records (time + numerics, or 'unavailable' with the reason) for ``op`` (or ``"all"``)."""
+          backends: list[str] | None = None, graph: bool = False, weights: Any = None) -> list[dict[str, Any]]:
+    """Records (time + numerics, or 'unavailable' with the reason) for ``op`` (or ``"all"``).
+
+    ``weights``: a ``checkpoint.LayerWeights``; its real tensors replace the synthetic weights of each op
+    (activations stay synthetic) and its config replaces ``preset``.
+    """
     ops = [o for o in registry.ops() if kin.has_inputs(o)] if op == "all" else [op]
     for o in ops:
         if not kin.has_inputs(o):
             raise ValueError(f"op: no input factory for {o!r}; benchable ops: "
                              f"{[x for x in registry.ops() if kin.has_inputs(x)]}")
-    cfg = get_config(preset)
+    cfg = weights.cfg if weights is not None else get_config(preset)
+    extra = {} if weights is None else {"checkpoint": weights.path, "layer": weights.prefix.rstrip(".") or "top"}
     peaks = None
     if device == "cuda":
         try:
@@ -71,9 +76,12 @@ def bench(op: str, preset: str = "flash", tokens: list[int] = (1, 64, 4096), dev
     recs: list[dict[str, Any]] = []
     cases = [(o, t) for o in ops for t in tokens]
     for o, t in tqdm(cases, desc="bench", disable=len(cases) < 3):
-        base = dict(experiment=EXPERIMENT, op=o, preset=preset, tokens=t)
+        base = dict(experiment=EXPERIMENT, op=o, preset=preset if weights is None else cfg.name, tokens=t, **extra)
         try:
-            args, kwargs = kin.make_inputs(o, cfg, t, device=device, seed=t)
+            if weights is None:
+                args, kwargs = kin.make_inputs(o, cfg, t, device=device, seed=t)
+            else:
+                args, kwargs = weights.op_inputs(o, t, seed=t, device=device)
             ref = registry.get(o, "reference")
             ref_out = _outputs(ref(*args, **kwargs))
             oracle = _oracle(ref, args, kwargs) or ref_out

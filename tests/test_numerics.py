@@ -107,7 +107,10 @@ def test_err_ratio_edge_cases():
     o = _oracle(16)
     assert compare(o, o.clone(), o.clone()).err_ratio == 1.0           # both exact: 0/0 counts as 1
     c = compare(o, o.clone(), o + 1e-3)
-    assert c.err_ratio == math.inf and not c.passed                    # eager exact, fused not
+    u = torch.finfo(o.dtype).eps / 2                                   # eager exact: its error counts as rounding
+    assert c.err_ratio == pytest.approx(rel_rms(o + 1e-3, o) / u) and not c.passed
+    tiny = o * (1 + u / 4)                                             # fused within rounding of an exact eager
+    assert compare(o, o.clone(), tiny).err_ratio == pytest.approx(1.0) and compare(o, o.clone(), tiny).passed
 
 
 def test_nan_in_fused_is_flagged_and_fails():
