@@ -76,7 +76,6 @@ def case_tokens(kernel: str, tokens: list[int]) -> list[int]:
 # ---- child: run the kernel cases -----------------------------------------------------------------------------
 def case_inputs(kernel: str, tokens: int, device: str):
     """(callable, args, kwargs) of one case."""
-    from dsv4lab.config import get_config
     from dsv4lab.kernels import contracts, registry
 
     _family, op, backend = KERNELS[kernel]
@@ -89,9 +88,8 @@ def case_inputs(kernel: str, tokens: int, device: str):
         gate_up = (2 * torch.randn(tokens, 2 * 256, generator=g)).to(torch.bfloat16).to(device)
         m_idx = (torch.arange(tokens) % 3).to(torch.int32).to(device)
         return swiglu_quant, (gate_up, 10.0, m_idx), {}
-    # DeepGEMM fp8_mqa_logits wants a real indexer head count (64), not the toy preset's 4
-    cfg = get_config("toy", index_n_heads=64) if kernel == "indexer_topk" else "toy"
-    args, kwargs = contracts.base_inputs(op, tokens, device=device, seed=tokens, cfg=cfg)
+    # toy shapes (contracts.OP_OVERRIDES gives indexer_topk the 64 heads DeepGEMM's fp8_mqa_logits needs)
+    args, kwargs = contracts.base_inputs(op, tokens, device=device, seed=tokens)
     if kernel == "sparse_attention_split":
         from dsv4lab.kernels.triton.sparse_attention import sparse_attention_launch
 
