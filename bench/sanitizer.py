@@ -26,7 +26,6 @@ Steps (one shot on the H100, < 2 min):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -119,8 +118,8 @@ def child(kernels: list[str], tokens: list[int], device: str, fake: str | None, 
                 status = f"error {type(e).__name__}: {str(e)[:200]}".replace("\n", " ")
             if fake and kernel in fake_errors:
                 n_fake += 1
-                print(f"========= Invalid __global__ read of size 4 bytes\n=========     at fake_kernel+0x10\n"
-                      f"=========     by thread (0,0,0) in block (0,0,0)", flush=True)
+                print("========= Invalid __global__ read of size 4 bytes\n=========     at fake_kernel+0x10\n"
+                      "=========     by thread (0,0,0) in block (0,0,0)", flush=True)
             time.sleep(0.05 if device == "cuda" else 0)   # let the sanitizer's report of the last launch land
             print(f"{MARK} end {case} {status}", flush=True)
     if fake:

@@ -103,7 +103,8 @@ def test_compare_continues_after_a_failing_experiment(monkeypatch, tmp_path, cap
     good_recs = results.read_records(tmp_path / slug / "fake_good.jsonl")
     assert [r["metric"] for r in good_recs] == ["max_abs"]
     broken = results.read_records(tmp_path / slug / "fake_broken.jsonl")
-    assert [(r["metric"], r["op"]) for r in broken] == [("error", "(run)")] and "no kernel image" in broken[0]["message"]
+    assert [(r["metric"], r["op"]) for r in broken] == [("error", "(run)")]
+    assert "no kernel image" in broken[0]["message"]
 
     # ... and the report lists the failure with its reason next to the healthy experiment's numbers
     page = build_report(root=tmp_path, out=tmp_path / "r.html").read_text()

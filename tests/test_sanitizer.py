@@ -17,7 +17,7 @@ _spec.loader.exec_module(san)
 # what memcheck prints, shaped after its real reports: a header line, indented detail lines, the summary
 CANNED = """\
 ========= COMPUTE-SANITIZER
-========= Program hit cudaErrorInvalidValue (error 1) due to "invalid argument" on CUDA API call to cudaFuncGetAttributes.
+========= Program hit cudaErrorInvalidValue (error 1) due to "invalid argument" on CUDA API call to cudaMemcpy.
 =========     Saved host backtrace up to driver entry point at error
 @@SAN start mhc_pre:T1
 ========= Invalid __global__ write of size 16 bytes

@@ -261,11 +261,8 @@ def seq(*muts: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], N
     return m
 
 
-def _zero_tokens(b: dict[str, Any]) -> None:   # placeholder; T = 0 rows use Case.tokens = 0 and no mutation
+def T0(b: dict[str, Any]) -> None:  # noqa: N802 -- rows that only change Case.tokens (T = 0, T < ratio) mutate nothing
     return None
-
-
-T0 = _zero_tokens
 
 
 def _nan_row(name: str) -> Case:
