@@ -129,7 +129,8 @@ def child(kernels: list[str], tokens: list[int], device: str, fake: str | None, 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
 _PREFIX = "========="
-_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+error")
+# memcheck ends with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: H hazards displayed (N errors, ..."
+_SUMMARY = re.compile(r"(?:ERROR SUMMARY:\s*|RACECHECK SUMMARY:.*?\()(\d+)\s+error")
 _NOT_REPORTS = ("ERROR SUMMARY", "COMPUTE-SANITIZER", "RACECHECK SUMMARY", "LEAK SUMMARY", "Target application",
                 "This can happen", "No ")
 
