@@ -156,8 +156,9 @@ def test_attention_sets_reject_bad_input():
 def test_attention_sets_figure_draws_the_codes():
     codes = viz.attention_sets(6, 2)
     fig = viz.attention_sets_figure({"window": codes})
-    assert torch.equal(torch.tensor(fig.data[0].z), codes.float() + 0.5)
-    assert {t.name for t in fig.data[1:]} == set(viz.SET_LABELS[1:])
+    assert torch.equal(torch.as_tensor(fig.data[0].z), codes)
+    assert list(fig.data[0].colorbar.ticktext) == list(viz.SET_LABELS) and list(fig.data[0].colorbar.tickvals) == [
+        0, 1, 2, 3, 4, 5]
 
 
 def test_entry_scores_figure_marks_the_selection():

@@ -194,28 +194,23 @@ def attention_sets(T: int, window: int, ratio: int = 0, sel: torch.Tensor | None
 
 
 def attention_sets_figure(panels: Mapping[str, torch.Tensor], title: str = "Which tokens each query attends"):
-    """One heatmap per ``attention_sets`` result (query t on y, token s on x), a shared discrete legend."""
+    """One heatmap per ``attention_sets`` result (query t on y, token s on x); the colour bar names the codes."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     names = list(panels)
     fig = make_subplots(1, len(names), subplot_titles=names, horizontal_spacing=0.04)
     k = len(SET_LABELS)
-    # discrete colour scale: code c occupies [c/k, (c+1)/k] of the colour axis
-    scale = [[i / k + e / k, col] for i, col in enumerate(_SET_COLOURS) for e in (0, 1)]
+    # discrete colour scale: code c occupies [c/k, (c+1)/k] of the colour axis [-0.5, k-0.5]
+    scale = [[(i + e) / k, col] for i, col in enumerate(_SET_COLOURS) for e in (0, 1)]
     for col, name in enumerate(names, start=1):
-        codes = panels[name]
-        labels = [[SET_LABELS[int(v)] for v in row] for row in codes.tolist()]
-        fig.add_trace(go.Heatmap(z=codes.float().numpy() + 0.5, zmin=0, zmax=k, colorscale=scale, showscale=False,
-                                 customdata=labels,
-                                 hovertemplate="query %{y}, token %{x}: %{customdata}<extra></extra>"), 1, col)
+        fig.add_trace(go.Heatmap(z=panels[name].numpy(), zmin=-0.5, zmax=k - 0.5, colorscale=scale,
+                                 showscale=col == len(names),
+                                 colorbar=dict(tickvals=list(range(k)), ticktext=list(SET_LABELS), len=1.0),
+                                 hovertemplate="query %{y}, token %{x}: code %{z}<extra></extra>"), 1, col)
         fig.update_yaxes(autorange="reversed", title="query t" if col == 1 else None, row=1, col=col)
         fig.update_xaxes(title="key token s", row=1, col=col)
-    for label, colour in zip(SET_LABELS[1:], _SET_COLOURS[1:]):     # legend entries (the heatmap has none)
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label,
-                                 marker=dict(size=12, symbol="square", color=colour, line=dict(width=1))))
-    fig.update_layout(title=title, height=440, margin=dict(t=70, l=60, r=20, b=50),
-                      legend=dict(orientation="h", y=-0.18), plot_bgcolor="white")
+    fig.update_layout(title=title, height=420, margin=dict(t=70, l=60, r=20, b=50), plot_bgcolor="white")
     return fig
 
 
@@ -230,7 +225,7 @@ def entry_scores_figure(logits: torch.Tensor, sel: torch.Tensor, title: str = "L
     fig = go.Figure(go.Heatmap(z=z.numpy(), colorscale="Viridis", colorbar=dict(title="I[t, j]"),
                                hovertemplate="query %{y}, entry %{x}: %{z:.3f}<extra></extra>"))
     fig.add_trace(go.Scatter(x=sel[t_idx, slot].tolist(), y=t_idx.tolist(), mode="markers", name="selected (top-k)",
-                             marker=dict(size=3, color="red", symbol="square")))
+                             marker=dict(size=2, color="red", symbol="square", opacity=0.6)))
     fig.update_yaxes(autorange="reversed", title="query t")
     fig.update_xaxes(title="compressed entry j (pools tokens 4j..4j+3)")
     fig.update_layout(title=title, height=440, margin=dict(t=50, l=60, r=20, b=50))
