@@ -268,6 +268,18 @@ def test_latest_keeps_the_newest_record_per_key():
     assert df[df.backend == "tilelang"].value.tolist() == pytest.approx([5.0, 40.0])
 
 
+def test_floor_us_takes_the_binding_roof():
+    from dsv4lab.lab.roofline import OpCost, Peaks
+
+    peaks = Peaks(gpu="x", copy_bw=2e12, bf16_flops=1e15, fp8_flops=2e15)
+    stream = OpCost(op="copy", row=0, flops=0, bytes=4e6, compute_dtype=None)
+    assert viz.floor_us(stream, peaks) == pytest.approx(2.0)                 # 4 MB at 2 TB/s
+    gemm = OpCost(op="g", row=0, flops=8e12, bytes=4e6, compute_dtype="fp8")
+    assert viz.floor_us(gemm, peaks) == pytest.approx(4000.0)                # 8 TFLOP at 2 PFLOP/s
+    no_fp8 = Peaks(gpu="x", copy_bw=2e12, bf16_flops=1e15, fp8_flops=None)
+    assert viz.floor_us(gemm, no_fp8) == pytest.approx(2.0)                  # unknown rate: memory roof only
+
+
 def test_stored_label():
     assert viz.stored_label(_records()) == "stored results: NVIDIA H100, 2026-01-01 to 2026-01-02"
     assert viz.stored_label(_records().iloc[:0]) == "no stored results"

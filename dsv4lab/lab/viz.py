@@ -11,7 +11,7 @@ bench scripts import ``dsv4lab.lab`` on the GPU host, which has no plotly.
   (probability on window / compressed entries / sink) -> ``attention_mass_figure``.
 - MoE: ``expert_load`` -> ``expert_load_figure``; ``router_scores_figure``.
 - MTP: ``row_rms`` -> ``mtp_norm_figure``; ``logit_agreement`` -> ``agreement_figure``.
-- stored results: ``latest``, ``stored_label``, ``stored_time_figure``.
+- stored results: ``latest``, ``stored_label``, ``floor_us``, ``stored_time_figure``.
 - tensors: ``describe`` (shape, dtype, stats and first values of named intermediates, as a table).
 """
 from __future__ import annotations
@@ -320,10 +320,12 @@ def router_scores_figure(scores: Mapping[str, torch.Tensor], ids: Mapping[str, t
                                  hovertemplate="token %{y}, expert %{x}: s = %{z:.3f}<extra></extra>"), 1, col)
         t = torch.arange(chosen.shape[0]).repeat_interleave(chosen.shape[1])
         fig.add_trace(go.Scatter(x=chosen.reshape(-1).tolist(), y=t.tolist(), mode="markers", showlegend=col == 1,
-                                 name="routed to", marker=dict(size=5, color="#e8590c", symbol="circle")), 1, col)
+                                 name="routed to (marker)", marker=dict(size=5, color="#e8590c", symbol="circle")),
+                      1, col)
         fig.update_yaxes(autorange="reversed", title="token" if col == 1 else None, row=1, col=col)
         fig.update_xaxes(title="expert", row=1, col=col)
-    fig.update_layout(title=title, height=460, margin=dict(t=70, l=60, r=20, b=50))
+    fig.update_layout(title=title, height=480, margin=dict(t=70, l=60, r=20, b=50),
+                      legend=dict(orientation="h", y=-0.15))
     return fig
 
 
@@ -411,6 +413,16 @@ def latest(df, keys: Sequence[str]):
     if not len(df):
         return df
     return df.sort_values("timestamp", kind="stable").drop_duplicates(present, keep="last")
+
+
+def floor_us(op_cost: Any, peaks: Any) -> float:
+    """Roofline floor of one call in microseconds: ``max(bytes / copy_bw, flops / matmul rate)``, the matmul
+    term only when the op has a matmul compute dtype whose peak was measured (``lab.roofline`` objects)."""
+    t = op_cost.bytes / peaks.copy_bw
+    rate = peaks.matmul_rate(getattr(op_cost, "compute_dtype", None))
+    if rate:
+        t = max(t, op_cost.flops / rate)
+    return t * 1e6
 
 
 def stored_label(df) -> str:
