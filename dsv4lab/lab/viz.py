@@ -388,14 +388,18 @@ def agreement_figure(tables: Mapping[str, Any], k: int = 5, title: str = "Logit 
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    import plotly.colors
+
     fig = make_subplots(1, 2, subplot_titles=(f"top-{k} overlap", "cosine similarity"), horizontal_spacing=0.1)
-    for name, df in tables.items():
+    palette = plotly.colors.qualitative.Plotly
+    for i, (name, df) in enumerate(tables.items()):
         top1 = float(df["top1_equal"].mean())
         label = f"{name} (top-1 agree {top1:.0%})"
-        fig.add_trace(go.Scatter(x=df["row"], y=df["topk_overlap"], mode="markers", name=label,
+        marker = dict(color=palette[i % len(palette)])
+        fig.add_trace(go.Scatter(x=df["row"], y=df["topk_overlap"], mode="markers", name=label, marker=marker,
                                  legendgroup=name), 1, 1)
         fig.add_trace(go.Scatter(x=df["row"], y=df["cosine"], mode="markers", name=label, legendgroup=name,
-                                 showlegend=False), 1, 2)
+                                 marker=marker, showlegend=False), 1, 2)
     fig.update_yaxes(range=[-0.05, 1.05], row=1, col=1)
     fig.update_xaxes(title="row (token)")
     fig.update_layout(title=title, height=380, margin=dict(t=70, l=60, r=20, b=50),
