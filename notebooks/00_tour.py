@@ -8,10 +8,14 @@
 #
 # Notebooks:
 # - [01_sizing](01_sizing.ipynb): parameters, FLOPs and bytes per layer and per kernel, roofline
+# - [02_mhc](02_mhc.ipynb), [03_attention](03_attention.ipynb), [04_moe](04_moe.ipynb), [05_mtp](05_mtp.ipynb):
+#   each layer's math, the reference step by step, the fused kernels against it
 # - [10_pr41300_router_gemm](10_pr41300_router_gemm.ipynb): cuBLAS op vs `torch.mm(out_dtype=float32)`
 # - [11_pr43746_mtp_norm](11_pr43746_mtp_norm.ipynb): fused Triton MTP-input RMSNorm
+# - [11b_pr43746_breakable_graphs](11b_pr43746_breakable_graphs.ipynb): breakable CUDA graphs vs torch.compile
 # - [12_pr43891_op_registration](12_pr43891_op_registration.ipynb): what `torch.ops` registration cost
 # - [13_pr43905_mhc_direct](13_pr43905_mhc_direct.ipynb): mHC TileLang kernels called directly
+# - [14_pr44367_megamoe](14_pr44367_megamoe.ipynb): grouped fp8 experts, MegaMoE, the inlined expert call
 #
 # ## This machine
 
