@@ -140,7 +140,7 @@ ref_pre, ref_post, ref_comb = ref.mhc_mixes(R, hc.fn, hc.scale, hc.base, **hc.kw
 print("step-by-step == reference mhc_mixes:",
       all(torch.equal(a, b) for a, b in ((pre, ref_pre), (post, ref_post), (comb, ref_comb))))
 viz.describe(pre=pre, pre_sum=pre.sum(-1), post=post, comb_logits=comb_logits, comb=comb,
-             comb_row_sums=comb.sum(-1), comb_col_sums=comb.sum(-2))
+             comb_diagonal=comb.diagonal(dim1=-2, dim2=-1), comb_row_sums=comb.sum(-1), comb_col_sums=comb.sum(-2))
 
 # %% [markdown]
 # **Step 3: collapse, norm, sublayer, post.** The collapse is rounded to bf16 once; the RMSNorm (vLLM fuses it into
@@ -218,8 +218,11 @@ viz.mix_heatmaps(pre, post, comb, token=T - 1, title=f"layer {LAYER} attention m
 # * Columns hit `1 - O(eps)` after every column pass, exactly as the order predicts; the rows' error falls
 #   geometrically and what remains after 20 iterations is the row error the kernels inherit. It is not zero: `comb`
 #   is only approximately doubly stochastic, which is why `C @ R` and `C^T @ R` differ (the porting bug above).
-# * `pre` is not normalised: its row sums are near 1 only because of the initialisation; a trained model is free to
-#   scale the collapse. `post` in (0, 2) lets a sublayer write more or less than its output into each stream.
+# * `pre` (mean ~0.24) and `post` (mean ~1) sit where predicted. `pre` is not normalised: its row sums are near 1
+#   only because of the initialisation; a trained model is free to scale the collapse. `post` in (0, 2) lets a
+#   sublayer write more or less than its output into each stream. The comb diagonal is centred where predicted
+#   (mean ~0.5, the `comb_diagonal` row of step 2) but spreads from ~0.1 to ~0.8 across tokens: the token-dependent
+#   mix logits sharpen some matrices and flatten others.
 # * Sinkhorn is sequential (40 dependent normalisations of a 4x4 matrix, ~1.3 kFLOP per token): negligible work,
 #   but latency inside a kernel epilogue -- one of the reasons `mhc_pre` is hard to fuse well (notebook 13).
 #
@@ -260,7 +263,8 @@ floors.pivot_table(index=["op", "T"], columns="preset", values="floor_us").round
 # %%
 live = pd.DataFrame([r for op in OPS for r in sweep.bench(op, preset="toy", tokens=[1, 64], device=DEVICE)])
 show = live[live.metric.isin(["time", "err_ratio", "bitwise_equal", "unavailable"])]
-show[["op", "backend", "tokens", "metric", "value", "unit", "timing_mode", "reason"]].fillna("")
+show[["op", "backend", "tokens", "metric", "value", "unit", "timing_mode", "reason"]].fillna(
+    {"unit": "", "timing_mode": "", "reason": ""})
 
 # %% [markdown]
 # ### Measurement: stored H100 results
