@@ -101,7 +101,7 @@ x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).
 attn = DSv4Attention(cfg, LAYER)
 P = attn.params()
 inv_freq = layer_inv_freq(cfg, LAYER)
-print(attn)
+print("DSv4Attention:", attn.extra_repr())
 
 # %% [markdown]
 # **Q path and window KV.** `q` is normalised per head (RMS 1) before RoPE; `kv`'s nope part went through fp8.
@@ -302,11 +302,13 @@ def stored_chart(chart: str = "sparse_attention prefill", preset: str = "flash")
         df = stored_attn[stored_attn.variant.astype(str).str.startswith(("prefill-", "flex-prefill") if phase == "prefill"
                                                                        else "decode-")
                          & ~stored_attn.variant.astype(str).str.contains("block_")]     # leave out the tuning sweep
-        return viz.stored_time_figure(df, "sparse_attention", preset=preset, title=f"sparse attention core, {phase}, "
-                                      f"{preset}" + (" (T = decode batch; L = context length)" if phase == "decode" else ""))
+        note = " (T = decode batch; L = context length)" if phase == "decode" else ""
+        return viz.stored_time_figure(df, "sparse_attention", preset=preset,
+                                      title=f"sparse attention core, {phase}, {preset}{note}")
     floor = None
     if chart == "inv_rope_fp8_quant" and peaks:
-        floor = lambda t: viz.floor_us(roofline.cost(chart, T=t, H=c.num_attention_heads, d=c.head_dim), peaks)  # noqa: E731
+        def floor(t: int) -> float:
+            return viz.floor_us(roofline.cost(chart, T=t, H=c.num_attention_heads, d=c.head_dim), peaks)
     return viz.stored_time_figure(stored, chart, preset=preset, color=("backend", "variant"), floor_us=floor,
                                   floor_name="roofline floor (bytes / copy BW)", title=f"{chart}, {preset}")
 

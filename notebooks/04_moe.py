@@ -269,8 +269,9 @@ pd.DataFrame([dict(op=op, backend=b, available=ok, reason=why)
 #   microseconds and flat in T up to a few hundred tokens (latency-bound), then growing with the bytes of x.
 # * **Grouped experts** (DeepGEMM, stored): MXFP4 weights converted once to fp8 blocks, tokens permuted into
 #   per-expert groups, two grouped fp8 GEMMs. At small T the cost is reading the touched experts' weights (each of
-#   the up to T*k distinct experts is ~25 MB in fp8 at Flash size, 13 MB as stored MXFP4), so time grows with the number of distinct experts hit and
-#   then flattens once all 256 are touched; the eager reference (a Python loop over experts) should be far slower.
+#   the up to T*k distinct experts is ~25 MB in fp8 at Flash size, 13 MB as stored MXFP4), so time grows with the
+#   number of distinct experts hit and then flattens once all 256 are touched; the eager reference (a Python loop
+#   over experts) should be far slower.
 
 # %% [markdown]
 # ### Measurement: live on this device
@@ -301,7 +302,8 @@ for kind in ("uniform", "zipf"):
             ulps = numerics.ulp_diff(w_b[same], w_ref[same])
             rows_live.append(dict(prompt=kind, layer=L, routing="hash" if m.hash_layer else "bias", backend=b,
                                   ids_equal=bool(torch.equal(id_ref, id_b)), topk_overlap=ov.mean_overlap,
-                                  unexplained_rows=ov.unexplained_rows, weight_ulp_max=int(ulps.max()) if ulps.numel() else 0,
+                                  unexplained_rows=ov.unexplained_rows,
+                                  weight_ulp_max=int(ulps.max()) if ulps.numel() else 0,
                                   weight_max_abs=float((w_b[same] - w_ref[same]).abs().max()) if same.any() else 0.0,
                                   seconds=round(secs, 2), note=why))
 pd.DataFrame(rows_live) if rows_live else print("no non-reference moe_routing backend runs here")

@@ -47,7 +47,8 @@ print(f"device: {DEVICE} | toy: D={D}, n={n}, V={V}, MTP = decoder index {mtp_la
 # ## Sizes per preset
 
 # %%
-pd.DataFrame([dict(preset=p, D=c.hidden_size, n=c.hc_mult, V=c.vocab_size, prev_bytes_per_token=2 * c.hc_mult * c.hidden_size,
+pd.DataFrame([dict(preset=p, D=c.hidden_size, n=c.hc_mult, V=c.vocab_size,
+                   prev_bytes_per_token=2 * c.hc_mult * c.hidden_size,
                    mtp_layers=c.num_nextn_predict_layers, mtp_compress_ratio=c.compress_ratio(c.num_hidden_layers),
                    e_h_proj_params_M=2 * c.hidden_size ** 2 / 1e6,
                    input_norm_bytes_at_T1=roofline.cost("mtp_input_rmsnorm", T=1, D=c.hidden_size, n=c.hc_mult).bytes)
@@ -149,7 +150,8 @@ print("MTP weights identical across backends:", same_weights, "| ops the triton 
 t0 = time.perf_counter()
 with torch.no_grad():
     draft_triton, _ = model_t.mtp_forward(next_ids, positions, hidden)
-print(f"triton draft: {time.perf_counter() - t0:.1f} s ({registry.availability('mtp_input_rmsnorm', 'triton')[1] or 'GPU'})")
+print(f"triton draft: {time.perf_counter() - t0:.1f} s "
+      f"({registry.availability('mtp_input_rmsnorm', 'triton')[1] or 'GPU'})")
 agree = {"draft vs target (t -> t+1)": viz.logit_agreement(draft_logits[:-1], target_logits[1:]),
          "Triton vs reference draft": viz.logit_agreement(draft_triton, draft_logits)}
 display(viz.agreement_figure(agree, title=f"Logit agreement per row (toy, T={T}, random weights)"))
