@@ -8,7 +8,7 @@ STAMP := $(VENV)/.dsv4lab-installed
 TORCH ?= torch==2.13.0
 EXTRAS ?= lab,test,triton,compile
 
-.PHONY: setup demo test lab report notebooks clean-venv
+.PHONY: setup demo test lab report notebooks readme-charts clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ lab: setup
 
 report: setup
 	$(BIN)/dsv4lab report --out report.html
+
+# PNG export needs a Chromium (apt-get install -y chromium); without one the script writes standalone HTML
+readme-charts: setup
+	$(BIN)/python -m pip install -q kaleido
+	$(BIN)/python scripts/readme_charts.py --out docs/img
 
 notebooks: setup
 	$(BIN)/jupytext --sync notebooks/*.py

@@ -13,7 +13,8 @@ jupytext = pytest.importorskip("jupytext")
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 PY_FILES = sorted(NB_DIR.glob("[0-9]*.py"))
 IPYNB_FILES = sorted(NB_DIR.glob("[0-9]*.ipynb"))
-QUOTE = re.compile(r"quote:\s*(?P<target>[\w.]+:[\w.]+)\s*\n+```python\n(?P<code>.*?)```", re.S)
+# In the percent-format .py every markdown line starts with "# ": the fence lines included.
+QUOTE = re.compile(r"quote:\s*(?P<target>[\w.]+:[\w.]+)\s*\n(?:#\s*\n)*#\s*```python\n(?P<code>.*?)#\s*```", re.S)
 
 
 def _cells(nb):
@@ -43,6 +44,8 @@ def test_outputs_stripped(ipynb):
 def test_quoted_code_matches_package(py):
     """A markdown block introduced by `quote: module:qualname` must equal that object's current source."""
     text = py.read_text()
+    if "quote:" in text:
+        assert QUOTE.search(text), f"{py.name}: a 'quote:' line is not followed by a ```python block"
     for m in QUOTE.finditer(text):
         mod, qual = m["target"].split(":")
         obj = importlib.import_module(mod)
