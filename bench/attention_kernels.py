@@ -291,10 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = None
     if not dry:
         try:
-            peaks = roofline.load_peaks()
-            if peaks is None:
-                peaks = roofline.measure_peaks()
-                results.append(out / "peaks.jsonl", peaks.to_records())
+            peaks = roofline.stored_or_measured_peaks(out)
             print("  peaks:", peaks.summary())
         except Exception as e:
             error("peaks", "-", None, e)

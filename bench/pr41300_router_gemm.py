@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peaks = None
     try:
-        peaks = roofline.load_peaks()
-        if peaks is None:
-            peaks = roofline.measure_peaks()
-            results.append(out / "peaks.jsonl", peaks.to_records())
+        peaks = roofline.stored_or_measured_peaks(out)
         print(peaks.summary(), f"({peaks.source})")
     except Exception as e:  # no % of peak then, everything else still comes
         print(f"peaks unavailable ({type(e).__name__}: {e})")

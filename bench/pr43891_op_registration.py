@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if dev == "cpu":
             raise RuntimeError("CPU dry run: no peaks")
-        peaks = roofline.load_peaks()
-        if peaks is None:
-            peaks = roofline.measure_peaks()
-            results.append(out / "peaks.jsonl", peaks.to_records())
+        peaks = roofline.stored_or_measured_peaks(out)
         print(peaks.summary(), f"({peaks.source})")
     except Exception as e:  # no % of peak then, everything else still comes
         error("peaks", None, None, e)

@@ -383,6 +383,20 @@ def load_peaks(slug: str | None = None, root: Any = None) -> Peaks | None:
         raise results.ResultsError(f"{path}: {e}") from None
 
 
+def stored_or_measured_peaks(out: Any = None) -> Peaks:
+    """This GPU's stored peaks (``load_peaks``), or measure them now and, with ``out`` (a folder), append the
+    records to ``<out>/peaks.jsonl`` so they can be committed. Raises what measuring raises (no GPU, ...)."""
+    peaks = load_peaks()
+    if peaks is None:
+        peaks = measure_peaks()
+        if out is not None:
+            from pathlib import Path
+
+            from . import results
+            results.append(Path(out) / "peaks.jsonl", peaks.to_records())
+    return peaks
+
+
 def measure_peaks(device: Any = None, *, copy_bytes: int = 2**30, matmul_n: int = 8192, rep: int = 20) -> Peaks:
     """Measure on the current GPU: device-to-device copy of ``copy_bytes`` (rate counts read + write, so
     2 x copy_bytes per call), a bf16 ``matmul_n``^3 matmul, and an fp8 e4m3 ``torch._scaled_mm`` of the same
