@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/dsv4lab compare
 
 test: setup
-	$(BIN)/python -m pytest -q tests notebooks --nbmake
+	DSV4LAB_HEADLESS=1 $(BIN)/python -m pytest -q tests notebooks --nbmake
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

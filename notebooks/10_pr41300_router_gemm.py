@@ -186,7 +186,9 @@ def explore(shape_name: str = "router-flash", tokens: int = 64, variant: str = "
 try:
     import ipywidgets as widgets
 
-    widgets.interact(explore, shape_name=widgets.Dropdown(options=list(SHAPES), value="router-flash"),
+    from dsv4lab.lab.widgets import interact  # headless runs call explore() once, no Output widget
+
+    interact(explore, shape_name=widgets.Dropdown(options=list(SHAPES), value="router-flash"),
                      tokens=widgets.SelectionSlider(options=[1, 4, 16, 64, 256, 1024], value=64),
                      variant=widgets.Dropdown(options=RUNNABLE, value="bf16_linear"))
 except ImportError:

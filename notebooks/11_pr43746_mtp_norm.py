@@ -172,7 +172,9 @@ def explore(D: int = D_default, T: int = T_default, variants: tuple = ("before_e
 try:
     import ipywidgets as widgets
 
-    widgets.interact(explore, D=widgets.Dropdown(options=Ds, value=D_default),
+    from dsv4lab.lab.widgets import interact  # headless runs call explore() once, no Output widget
+
+    interact(explore, D=widgets.Dropdown(options=Ds, value=D_default),
                      T=widgets.Dropdown(options=Ts, value=T_default),
                      variants=widgets.SelectMultiple(options=list(X.VARIANTS),
                                                      value=("before_eager", "before_compiled", "after")))

@@ -243,7 +243,9 @@ def explore(op: str = "fp8_einsum", preset: str = "flash", tokens: int = 1) -> N
 try:
     import ipywidgets as widgets
 
-    widgets.interact(explore, op=widgets.Dropdown(options=list(R.OPS), value="fp8_einsum"),
+    from dsv4lab.lab.widgets import interact  # headless runs call explore() once, no Output widget
+
+    interact(explore, op=widgets.Dropdown(options=list(R.OPS), value="fp8_einsum"),
                      preset=widgets.Dropdown(options=list(R.LAYERS), value="flash"),
                      tokens=widgets.SelectionSlider(options=[1, 2, 4, 8, 16], value=1))
 except ImportError:

@@ -281,7 +281,9 @@ def explore(preset: str = "flash", tokens: int = 4, op: str = "mhc_post", backen
 try:
     import ipywidgets as widgets
 
-    widgets.interact(explore, preset=widgets.Dropdown(options=["toy", "flash", "pro"], value="flash"),
+    from dsv4lab.lab.widgets import interact  # headless runs call explore() once, no Output widget
+
+    interact(explore, preset=widgets.Dropdown(options=["toy", "flash", "pro"], value="flash"),
                      tokens=widgets.SelectionSlider(options=[1, 2, 4, 16, 64, 256, 1024], value=4),
                      op=widgets.Dropdown(options=OPS, value="mhc_post"),
                      backend=widgets.Dropdown(options=["reference", "tilelang"], value="reference"))

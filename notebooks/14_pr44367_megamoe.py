@@ -287,7 +287,9 @@ def explore(preset: str = "toy", tokens: int = 16, path: str = "grouped") -> Non
 try:
     import ipywidgets as widgets
 
-    widgets.interact(explore, preset=widgets.Dropdown(options=["toy", "flash", "pro"], value="toy"),
+    from dsv4lab.lab.widgets import interact  # headless runs call explore() once, no Output widget
+
+    interact(explore, preset=widgets.Dropdown(options=["toy", "flash", "pro"], value="toy"),
                      tokens=widgets.SelectionSlider(options=[1, 4, 16, 64, 256, 1024, 8192], value=16),
                      path=widgets.Dropdown(options=["grouped", "reference"], value="grouped"))
 except ImportError:

@@ -38,7 +38,7 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^make test$", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo: setup\n\t\$\(BIN\)/dsv4lab compare", makefile, re.M)
-    assert re.search(r"^test: setup\n\t\$\(BIN\)/python -m pytest", makefile, re.M)
+    assert re.search(r"^test: setup\n\t(DSV4LAB_HEADLESS=1 )?\$\(BIN\)/python -m pytest", makefile, re.M)
     assert "torch==2.13.0" in makefile  # an unpinned torch pulls a multi-GB CUDA build on CPU machines
 
 

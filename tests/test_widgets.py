@@ -74,3 +74,18 @@ def test_explore_headless_without_ipywidgets(monkeypatch):
     assert lw.explore(_build, layer=[0, 1, 2]) is None
     fig, table, text = shown                                          # the defaults, drawn once, None dropped
     assert list(fig.data[0].y) == [2, 5] and table.kind.tolist() == ["attn"] and text == "layer=2"
+
+
+def test_interact_headless_calls_once_with_defaults(monkeypatch):
+    from dsv4lab.lab import widgets as W
+
+    calls = []
+
+    def fn(a: int = 3, b: str = "x"):
+        calls.append((a, b))
+        return a * 2
+
+    monkeypatch.setenv("DSV4LAB_HEADLESS", "1")
+    assert W.headless() and W.interact(fn, a=[1, 2, 3]) == 6 and calls == [(3, "x")]
+    monkeypatch.setenv("DSV4LAB_HEADLESS", "0")
+    assert not W.headless()

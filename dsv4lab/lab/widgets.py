@@ -107,3 +107,23 @@ def explore(build: Callable[..., Any], **knobs: Any):
     box = w.VBox([w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")), body])
     display(box)
     return box
+
+
+def headless() -> bool:
+    """True when notebooks are executed without a front-end (``make test`` sets DSV4LAB_HEADLESS=1)."""
+    import os
+
+    return os.environ.get("DSV4LAB_HEADLESS") == "1"
+
+
+def interact(fn: Callable[..., Any], **controls: Any):
+    """``ipywidgets.interact`` in a live notebook; headless (``headless()``) or without ipywidgets, one call of
+    ``fn`` with its defaults, output written directly to the cell -- no ``Output`` widget, so nbclient cannot stall
+    on it (module docstring)."""
+    if headless():
+        return fn()
+    try:
+        import ipywidgets as w
+    except ImportError:
+        return fn()
+    return w.interact(fn, **controls)
