@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: unpack the .gpu bundle (and test wheels in .whl if carried), then run the named bench
 # scripts, each under its own time limit, writing <out>/<experiment>.jsonl and one combined log.
+# Before the device call, here: (git rev-parse --short HEAD; ...) > .commit and carry .commit with .gpu (see README)
 # Usage on the GPU host:  bash bench/run_gpu.sh "$OUT" peaks pr41300_router_gemm:150 "name:limit:--script args" ...
 #                         (or "tests:<pytest args>")
 set -u
@@ -8,6 +9,8 @@ out=${1:?out dir}; shift
 tmp=$(python3 -c 'import tempfile;print(tempfile.gettempdir())')
 python3 -c "import tarfile; tarfile.open('.gpu/site-cp312.tar.xz').extractall('$tmp', filter='tar')" || exit 1
 export PYTHONPATH=$tmp/site:$PWD PYTHONUNBUFFERED=1
+# the copy of the tree on the GPU host has no .git: the commit travels in .commit (git rev-parse here, carried)
+[ -f .commit ] && export DSV4LAB_COMMIT=$(cat .commit)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/whl .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/whl
 fi

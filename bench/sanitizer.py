@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool, (ks, cmd, proc, log) in runs.items():
         text, rc = finish(proc, log, budget_end)
         cases, total, outside = parse(text)
-        shown = " ".join(cmd)
+        shown = " ".join(cmd).replace(str(REPO) + "/", "")  # repository-relative in records
         for k in ks:
             for t in case_tokens(k, tokens):
                 c = cases.get(f"{k}:T{t}")

@@ -91,9 +91,11 @@ def _dist_version(module: str, dists: tuple[str, ...]) -> str | None:
 
 
 def _commit() -> str | None:
+    """``git rev-parse --short HEAD`` (+ ``+dirty``); where the tree has no .git (the GPU host gets a copy of the
+    working tree), the ``DSV4LAB_COMMIT`` variable that ``bench/run_gpu.sh`` reads from a carried ``.commit`` file."""
     sha = _run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO)
     if not sha:
-        return None
+        return os.environ.get("DSV4LAB_COMMIT") or None
     status = _run(["git", "status", "--porcelain"], cwd=_REPO)
     return sha + ("+dirty" if status else "")
 

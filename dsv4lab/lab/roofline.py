@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 SWA_ROW_BYTES = 584      # fp8_ds_mla cache row: 448 fp8 + 64 bf16 + 8 scale bytes (dsv4-layers.md 3.9)
@@ -378,7 +379,11 @@ def load_peaks(slug: str | None = None, root: Any = None) -> Peaks | None:
         return None
     recs = results.read_records(path)
     try:
-        return peaks_from_records(recs, source=str(path))
+        try:  # a repository-relative path: records must not carry this machine's absolute paths
+            shown = str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[2]))
+        except ValueError:
+            shown = str(path)
+        return peaks_from_records(recs, source=shown)
     except ValueError as e:
         raise results.ResultsError(f"{path}: {e}") from None
 
