@@ -107,3 +107,19 @@ def test_gpu_activity_filter_on_fake_profiler_events():
     annotation = SimpleNamespace(device_type=DeviceType.CUDA, activity_type="gpu_user_annotation")
     cpu_op = SimpleNamespace(device_type=DeviceType.CPU, activity_type="cpu_op")
     assert [timing._is_gpu_activity(e) for e in (kernel, memset, annotation, cpu_op)] == [True, True, False, False]
+
+
+def test_host_overhead_pairs_times_both_sides_of_every_pair():
+    from dsv4lab.lab.timing import host_overhead_pairs
+
+    counts = {"b": 0, "a": 0}
+
+    def bump(k):
+        def f():
+            counts[k] += 1
+        return f
+
+    out = host_overhead_pairs({"op": (bump("b"), bump("a"))}, 7, repeats=2, device="cpu")
+    assert set(out) == {"op"} and set(out["op"]) == {"before", "after"}
+    assert all(v > 0 for v in out["op"].values())
+    assert counts["b"] == counts["a"] == 10 + 2 * 7   # host_overhead's default warm-up of 10, then repeats x n

@@ -295,3 +295,12 @@ def kernels_per_call(fn: Callable[[], Any], *, device: str | torch.device | None
                  key=lambda e: e.time_range.start)
     names = [e.name for e in top]
     return KernelCount(len(names), names, "cpu-aten-ops")
+
+
+def host_overhead_pairs(calls: Mapping[str, tuple[Callable[[], Any], Callable[[], Any]]], n: int, *,
+                        repeats: int = 5, device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
+    """``{name: {"before": us, "after": us}}``: ``host_overhead`` of both functions of every (before, after)
+    pair -- the measurement of a refactor that only moves host code (a wrapper removed, a method inlined)."""
+    return {name: {"before": host_overhead(b, n, repeats=repeats, device=device),
+                   "after": host_overhead(a, n, repeats=repeats, device=device)}
+            for name, (b, a) in calls.items()}

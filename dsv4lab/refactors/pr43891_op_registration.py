@@ -477,14 +477,13 @@ def host_overhead_records(inp: StepInputs, device: str, n: int, repeats: int, pr
     "probe"; the registration cost alone, robust to noise); else the full ops on ``inp`` (tiny inputs)."""
     from ..lab import timing
 
-    calls = probe_calls(inp) if probes else op_calls(inp)
+    measured = timing.host_overhead_pairs(probe_calls(inp) if probes else op_calls(inp), n, repeats=repeats,
+                                          device=device)
     recs, delta = [], {}
-    for op, (b, a) in calls.items():
+    for op, us in measured.items():
         backend = "probe" if probes else _backend_name(op, device)
         common = dict(op=op, backend=backend, preset=inp.preset, tokens=inp.tokens, dtype="bfloat16")
-        us = {}
-        for variant, fn in (("before", b), ("after", a)):
-            us[variant] = timing.host_overhead(fn, n, repeats=repeats, device=device)
+        for variant in ("before", "after"):
             recs.append(_rec(variant=variant, metric="host_overhead", unit="us", value=us[variant], n=n,
                              repeats=repeats, **common))
         delta[op] = us["before"] - us["after"]

@@ -415,14 +415,13 @@ def host_overhead_records(inp: Inputs, n: int, repeats: int, probes: bool) -> tu
     from ..lab import timing
 
     dev = inp.residual.device
-    calls = probe_calls(inp) if probes else op_calls(inp)
+    measured = timing.host_overhead_pairs(probe_calls(inp) if probes else op_calls(inp), n, repeats=repeats,
+                                          device=dev)
     recs, delta = [], {}
-    for op, (b, a) in calls.items():
+    for op, us in measured.items():
         backend = "probe" if probes else impl(op, dev.type)[0]
         common = dict(op=op, backend=backend, preset=inp.preset, tokens=inp.tokens, dtype="bfloat16")
-        us = {}
-        for variant, fn in (("before", b), ("after", a)):
-            us[variant] = timing.host_overhead(fn, n, repeats=repeats, device=dev)
+        for variant in ("before", "after"):
             recs.append(_rec(variant=variant, metric="host_overhead", unit="us", value=us[variant], n=n,
                              repeats=repeats, **common))
         delta[op] = us["before"] - us["after"]
