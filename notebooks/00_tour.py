@@ -60,3 +60,32 @@ pd.DataFrame(records)[["op", "backend", "tokens", "metric", "value", "unit"]].qu
 # %% [markdown]
 # Times above are `cpu-clock` on a CPU (Python + eager ops, not GPU kernel time). The refactor notebooks show
 # stored H100 timings next to them.
+
+# %% [markdown]
+# ## Real weights
+# Point `CHECKPOINT` (or the environment variable `DSV4LAB_CHECKPOINT`) at a DeepSeek-V4 checkpoint directory
+# and pick a layer: `dsv4lab inspect` lists its tensors from the safetensors headers alone, and every op whose
+# weights that layer holds runs through every backend on the real tensors (activations stay synthetic) -- the
+# same as `dsv4lab compare --checkpoint DIR --layer N`. Without a checkpoint, a synthetic toy checkpoint written
+# in the published format (fp8 + UE8M0 scales, packed fp4 experts) stands in.
+
+# %%
+import os
+import tempfile
+
+from dsv4lab import checkpoint, get_config
+
+CHECKPOINT = os.environ.get("DSV4LAB_CHECKPOINT")
+LAYER = 1
+if CHECKPOINT is None:
+    toy = get_config("toy")
+    CHECKPOINT = tempfile.mkdtemp(prefix="dsv4lab-toy-checkpoint-")
+    checkpoint.write_checkpoint(CHECKPOINT, toy, checkpoint.synthetic_tensors(toy, seed=0), shards=2)
+    print("no checkpoint given: a synthetic toy checkpoint stands in at", CHECKPOINT)
+checkpoint.main_inspect(CHECKPOINT, layer=str(LAYER))
+
+# %%
+layer_weights = checkpoint.layer_inputs_from(CHECKPOINT, LAYER, experts=[])  # routed experts are not needed here
+real = sweep.bench("mhc_pre", tokens=[16], device=device, weights=layer_weights)
+pd.DataFrame(real)[["op", "backend", "tokens", "layer", "metric", "value"]].query(
+    "metric in ['time', 'max_abs', 'unavailable']")
