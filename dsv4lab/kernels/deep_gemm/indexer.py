@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference._attn_checks import ANY_FLOAT, check_positions, check_prefill_positions, check_tensor
+from ..reference.indexer import check_indexer_inputs
 from ..reference.indexer_q import quant_indexer_k
 from ..triton.compressor import compress
 from ..triton.indexer_q import indexer_q_rope_quant
@@ -39,22 +39,9 @@ def indexer_topk(x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, wq_
                  comp_ape: torch.Tensor, comp_norm_weight: torch.Tensor, inv_freq: torch.Tensor,
                  topk: int, *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepGEMM backend of ``indexer_topk`` (module docstring). CUDA, SM90, n_I in {32, 64}."""
-    check_tensor("x", x, ndim=2)
-    T, D = x.shape
-    check_tensor("qr", qr, shape=(T, None))
-    check_positions(positions, T)
-    check_prefill_positions(positions)
-    check_tensor("weights_proj", weights_proj, shape=(None, D))
-    n_heads = weights_proj.shape[0]
-    check_tensor("wq_b", wq_b, shape=(None, qr.shape[1]))
-    if n_heads == 0 or wq_b.shape[0] % n_heads:
-        raise ValueError(f"wq_b: expected n_I*d_I rows with n_I = weights_proj rows = {n_heads}, got {wq_b.shape[0]}")
+    T, n_heads, head_dim = check_indexer_inputs(x, qr, positions, wq_b, weights_proj, comp_ape, inv_freq, topk)
     if n_heads not in (32, 64):
         raise ValueError(f"weights_proj: DeepGEMM's SM90 fp8_mqa_logits takes 32 or 64 heads, got {n_heads}")
-    head_dim = wq_b.shape[0] // n_heads
-    check_tensor("comp_ape", comp_ape, dtypes=ANY_FLOAT, shape=(RATIO, 2 * head_dim))
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
-        raise ValueError(f"topk: expected a positive int, got {topk!r}")
     if not x.is_cuda:
         raise ValueError(f"x: the DeepGEMM backend needs CUDA tensors, got {x.device}")
 

@@ -15,6 +15,29 @@ RATIO = 4
 _CHUNK_ELEMS = 1 << 24     # bound on the [rows, heads, entries] fp32 score block held at once
 
 
+def check_indexer_inputs(x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, wq_b: torch.Tensor,
+                         weights_proj: torch.Tensor, comp_ape: torch.Tensor, inv_freq: torch.Tensor,
+                         topk: int) -> tuple[int, int, int]:
+    """The input contract of every ``indexer_topk`` backend; returns ``(T, n_I, d_I)``."""
+    check_tensor("x", x, ndim=2)
+    T, D = x.shape
+    check_tensor("qr", qr, shape=(T, None))
+    check_positions(positions, T)
+    check_prefill_positions(positions)
+    check_tensor("weights_proj", weights_proj, shape=(None, D))
+    n_heads = weights_proj.shape[0]
+    check_tensor("wq_b", wq_b, shape=(None, qr.shape[1]))
+    if n_heads == 0 or wq_b.shape[0] % n_heads:
+        raise ValueError(f"wq_b: expected n_I*d_I rows with n_I = weights_proj rows = {n_heads}, "
+                         f"got {wq_b.shape[0]} rows")
+    head_dim = wq_b.shape[0] // n_heads
+    check_tensor("comp_ape", comp_ape, dtypes=ANY_FLOAT, shape=(RATIO, 2 * head_dim))
+    check_inv_freq(inv_freq, head_dim, "index_head_dim")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
+        raise ValueError(f"topk: expected a positive int, got {topk!r}")
+    return T, n_heads, head_dim
+
+
 def indexer_topk(x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, wq_b: torch.Tensor,
                  weights_proj: torch.Tensor, comp_wkv: torch.Tensor, comp_wgate: torch.Tensor,
                  comp_ape: torch.Tensor, comp_norm_weight: torch.Tensor, inv_freq: torch.Tensor,
@@ -34,22 +57,7 @@ def indexer_topk(x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, wq_
 
     Returns ``sel`` int64 [T, topk] and ``logits`` fp32 [T, T//4].
     """
-    check_tensor("x", x, ndim=2)
-    T, D = x.shape
-    check_tensor("qr", qr, shape=(T, None))
-    check_positions(positions, T)
-    check_prefill_positions(positions)
-    check_tensor("weights_proj", weights_proj, shape=(None, D))
-    n_heads = weights_proj.shape[0]
-    check_tensor("wq_b", wq_b, shape=(None, qr.shape[1]))
-    if n_heads == 0 or wq_b.shape[0] % n_heads:
-        raise ValueError(f"wq_b: expected n_I*d_I rows with n_I = weights_proj rows = {n_heads}, "
-                         f"got {wq_b.shape[0]} rows")
-    head_dim = wq_b.shape[0] // n_heads
-    check_tensor("comp_ape", comp_ape, dtypes=ANY_FLOAT, shape=(RATIO, 2 * head_dim))
-    check_inv_freq(inv_freq, head_dim, "index_head_dim")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
-        raise ValueError(f"topk: expected a positive int, got {topk!r}")
+    T, n_heads, head_dim = check_indexer_inputs(x, qr, positions, wq_b, weights_proj, comp_ape, inv_freq, topk)
 
     keys = compress(x, comp_wkv, comp_wgate, comp_ape, comp_norm_weight, RATIO, inv_freq,
                     head_dim=head_dim, eps=eps).float()                       # [n, d_I]

@@ -50,8 +50,9 @@ def _check_residual(residual: torch.Tensor) -> tuple[int, int, int]:
     return tuple(residual.shape)  # type: ignore[return-value]
 
 
-def _check_mix_params(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, d: int,
-                      n_mix: int, n_scale: int) -> None:
+def check_mix_params(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, d: int,
+                     n_mix: int, n_scale: int) -> None:
+    """fn [n_mix, n*D], scale [n_scale], base [n_mix], all fp32 (every mHC backend's contract)."""
     chk.tensor("fn", fn, _F32, dim=2)
     chk.shape("fn", fn, (n_mix, n * d))
     chk.tensor("scale", scale, _F32, dim=1)
@@ -62,7 +63,7 @@ def _check_mix_params(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 def _check_pre(residual, fn, scale, base, norm_weight, rms_eps, hc_eps, post_mult, sinkhorn_iters) -> None:
     t, n, d = _check_residual(residual)
-    _check_mix_params(fn, scale, base, n, d, (2 + n) * n, 3)
+    check_mix_params(fn, scale, base, n, d, (2 + n) * n, 3)
     if norm_weight is not None:
         chk.tensor("norm_weight", norm_weight, chk.FLOAT_DTYPES, dim=1)
         chk.shape("norm_weight", norm_weight, (d,))
@@ -173,7 +174,7 @@ def hc_head(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     The final RMSNorm (``norm.weight``) is applied by the caller.
     """
     t, n, d = _check_residual(residual)
-    _check_mix_params(fn, scale, base, n, d, n, 1)
+    check_mix_params(fn, scale, base, n, d, n, 1)
     chk.same_device(residual=residual, fn=fn, scale=scale, base=base)
     rms_eps = chk.positive_float("rms_eps", rms_eps)
     hc_eps = chk.positive_float("hc_eps", hc_eps)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from dsv4lab.kernels.reference import _checks as chk
+from dsv4lab.kernels.reference.mhc import check_mix_params  # noqa: F401  (the launchers' shared contract)
 
 HC_MULT = 4            # the kernels are written for n = 4 residual streams (every DSv4 config)
 ALIGN_BYTES = 16       # kernels use 16-byte vector loads / TMA; every tensor base must be 16-byte aligned
@@ -72,16 +73,6 @@ def check_residual(residual: torch.Tensor) -> tuple[int, int, int]:
     if d == 0 or d % DIM_MULTIPLE:
         raise ValueError(f"residual: expected D a positive multiple of {DIM_MULTIPLE}, got D = {d}")
     return t, n, d
-
-
-def check_mix_params(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, d: int,
-                     n_mix: int, n_scale: int) -> None:
-    chk.tensor("fn", fn, _F32, dim=2)
-    chk.shape("fn", fn, (n_mix, n * d))
-    chk.tensor("scale", scale, _F32, dim=1)
-    chk.shape("scale", scale, (n_scale,))
-    chk.tensor("base", base, _F32, dim=1)
-    chk.shape("base", base, (n_mix,))
 
 
 def check_norm_weight(norm_weight: torch.Tensor | None, d: int) -> None:
