@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_info = cublas_gemm.build(verbose=args.verbose_build)
         save([R._rec("before", "flash", None, "startup", "s", build_info.seconds, what="extension build",
-                     route=build_info.route, compiled=build_info.compiled, library=build_info.library_path,
+                     route=build_info.route, compiled=build_info.compiled,
+                     library=os.path.basename(build_info.library_path or "") or None,  # no host paths in records
                      notes=list(build_info.notes))])
         print(f"cuBLAS extension: {build_info.route}, {'compiled' if build_info.compiled else 'reused'} in "
               f"{build_info.seconds:.1f} s" + (f" ({'; '.join(build_info.notes)})" if build_info.notes else ""))
