@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds of measurement (compilation excluded), split over the two D")
     ap.add_argument("--deadline", type=float, default=95.0, help="hard cap in seconds for the whole sweep")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the token list")
+    ap.add_argument("--warps-sweep", type=int, nargs="*", default=[8, 32],
+                    help="values_per_thread settings of the Triton norms to time besides the default (graph mode)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -74,11 +76,41 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         recs, rc = results.read_records(path) if path.exists() else [], 1
     try:
+        sink(warps_sweep(exp, peaks, args.warps_sweep))
+    except Exception:
+        traceback.print_exc()
+    try:
         print("\n".join(exp.summary_lines(recs)))
     except Exception:
         traceback.print_exc()
     print(f"\n{counts['records']} records -> {path}; total {time.perf_counter() - t_start:.0f} s")
     return rc
+
+
+def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 64, 1024, 4096, 16384)) -> list[dict]:
+    """``after`` (graph replay, L2 flushed) under other ``mtp_norm.TUNING["values_per_thread"]`` settings:
+    variant ``after[vpt=N]``, so the launcher default can be chosen from measurements. The default is restored."""
+    from dsv4lab.kernels.triton import mtp_norm
+
+    default = dict(mtp_norm.TUNING)
+    recs: list[dict] = []
+    try:
+        for vpt in settings:
+            mtp_norm.TUNING["values_per_thread"] = vpt
+            for D, preset in exp.GPU_DIMS.items():
+                for op in exp.OPS:
+                    for T in tokens:
+                        args = exp.make_inputs(op, T, D, device="cuda")
+                        block, _, warps = mtp_norm.launch_config(D)
+                        batch = exp.timing_records(op, exp.variants(op)["after"], args, preset=preset, D=D,
+                                                   n=exp.HC_MULT, variant=f"after[vpt={vpt}]", peaks=peaks,
+                                                   rep=100 if T <= 1024 else 20, modes=("graph",))
+                        for r in batch:
+                            r.update(tuning={"values_per_thread": vpt, "num_warps": warps, "block": block})
+                        recs += batch
+    finally:
+        mtp_norm.TUNING.update(default)
+    return recs
 
 
 if __name__ == "__main__":

@@ -107,6 +107,20 @@ def test_triton_bitwise_equals_reference(device, t, h, d, dtype):
     assert torch.equal(s.cpu(), s_ref)
 
 
+@pytest.mark.parametrize("tile_elements,num_warps", [(2048, 4), (16384, 8)])   # ends of the bench's tuning sweep
+def test_triton_bitwise_equals_reference_for_every_tuned_tile(device, monkeypatch, tile_elements, num_warps):
+    monkeypatch.setitem(tri.TUNING, "tile_elements", tile_elements)
+    monkeypatch.setitem(tri.TUNING, "num_warps", num_warps)
+    t, h, d = 3, 37, 512                        # 37 heads: a partial head block for every tile size
+    o = attn_output(t, h, d)
+    pos = torch.randint(0, MAX_POS, (t,))
+    cs = cache(layer_inv_freq(get_config("flash"), 2))
+    q_ref, s_ref = ref.inv_rope_fp8_quant(o, pos, cs)
+    q, s = tri.inv_rope_fp8_quant(o.to(device), pos.to(device), cs.to(device))
+    assert torch.equal(as_bytes(q).cpu(), as_bytes(q_ref))
+    assert torch.equal(s.cpu(), s_ref)
+
+
 @pytest.mark.parametrize("rope_dim", [32, 128])
 def test_triton_other_rope_widths(device, rope_dim):
     """rope_dim is a parameter: 32 (4 rope rows per chunk boundary) and 128 (the whole last chunk rotates)."""

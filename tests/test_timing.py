@@ -123,3 +123,23 @@ def test_host_overhead_pairs_times_both_sides_of_every_pair():
     assert set(out) == {"op"} and set(out["op"]) == {"before", "after"}
     assert all(v > 0 for v in out["op"].values())
     assert counts["b"] == counts["a"] == 10 + 2 * 7   # host_overhead's default warm-up of 10, then repeats x n
+
+
+def test_bench_interleaved_refuses_a_cpu_device_and_empty_cases():
+    with pytest.raises(ValueError, match="device"):
+        timing.bench_interleaved({"a": lambda: None}, device="cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cases"):
+            timing.bench_interleaved({}, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph replay needs a GPU")
+def test_bench_interleaved_replays_every_case_rep_times():
+    x = torch.randn(1024, 1024, device="cuda")
+    counter = torch.zeros((), device="cuda")
+    cases = {"matmul": lambda: x @ x.T, "count": lambda: counter.add_(1)}
+    t = timing.bench_interleaved(cases, rep=20, warmup=2)
+    torch.cuda.synchronize()
+    # 2 warm-up calls + 1 capture-time upload replay + 20 timed replays (the capture itself runs nothing)
+    assert counter.item() == 2 + 1 + 20
+    assert all(v.mode == "cuda-graph" and len(v.times_us) == 20 and min(v.times_us) > 0 for v in t.values())

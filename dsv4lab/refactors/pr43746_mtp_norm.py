@@ -481,7 +481,8 @@ def sweep(device: str = "cuda", dims: dict[int, str] | None = None, tokens: Iter
                     batch = [_unavailable(op, v, why, preset=preset, T=T, dtype=torch.bfloat16, D=D)
                              for v in names if v in variants(op)]
                 else:
-                    rep = 30 if T <= 1024 else 10
+                    # small T: ~5 us kernels and launch-bound eager calls are noisy, and cheap to repeat
+                    rep = 200 if T <= 256 else 50 if T <= 1024 else 10
                     try:
                         batch = measure_case(op, T, D, device=device, preset=preset, names=names, peaks=peaks,
                                              rep=rep, warmup=3, with_kernels=T in kernel_tokens, eps=eps)

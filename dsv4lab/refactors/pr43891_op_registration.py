@@ -505,26 +505,20 @@ def per_forward_records(delta: dict[str, float], source: str, tokens: int) -> li
     return recs
 
 
-def graph_replay_records(inp: StepInputs, device: str, rounds: int = 3) -> list[dict[str, Any]]:
+def graph_replay_records(inp: StepInputs, device: str, rep: int = 200) -> list[dict[str, Any]]:
     """GPU time of the o-proj block captured in a CUDA graph, before vs after (expected equal), + bitwise check.
 
-    The two are timed alternately ``rounds`` times (before, after, before, ...) and each keeps its median round, so
-    slow drift of the GPU (clocks, temperature) does not land on one variant only."""
+    ``lab.timing.bench_interleaved``: both graphs replayed alternately (before, after, before, ...), each replay
+    with a cold L2, so slow drift of the GPU (clocks, temperature) lands on both variants alike."""
     from ..lab import timing
 
     args = (inp.q, inp.positions, inp.cos_sin_cache, inp.wo_a_q, inp.wo_a_scale, inp.wo_b, inp.quant)
     backend = _backend_name("fp8_einsum", device)
     common = dict(op="o_proj_block", backend=backend, preset=inp.preset, tokens=inp.tokens, dtype="bfloat16")
-    variants = (("before", o_proj_before), ("after", o_proj_after))
-    runs: dict[str, list] = {v: [] for v, _ in variants}
-    for _ in range(rounds):
-        for variant, fn in variants:
-            runs[variant].append(timing.bench(lambda: fn(*args), graph=True, device=device))
-    recs = []
-    for variant, ts in runs.items():
-        median = sorted(ts, key=lambda t: t.p50)[len(ts) // 2]
-        recs.append(median.to_record(experiment=EXPERIMENT, variant=variant, rounds=rounds,
-                                     round_p50s=[t.p50 for t in ts], **common))
+    timings = timing.bench_interleaved({"before": lambda: o_proj_before(*args), "after": lambda: o_proj_after(*args)},
+                                       rep=rep, device=device)
+    recs = [t.to_record(experiment=EXPERIMENT, variant=variant, interleaved=True, **common)
+            for variant, t in timings.items()]
     recs.append(_rec(variant="after_vs_before", metric="bitwise_equal", unit="bool",
                      value=bool(torch.equal(o_proj_before(*args), o_proj_after(*args))), **common))
     return recs

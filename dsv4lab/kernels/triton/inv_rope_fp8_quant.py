@@ -33,9 +33,11 @@ import triton.language as tl
 
 from ..reference.attn_out import ATTN_OUT_AMAX_FLOOR, QUANT_BLOCK, check_inv_rope_args
 
-_TILE_ELEMENTS = 4096          # per program (8 DSv4 heads): 8 KiB of bf16 in; amortises the per-program reductions
+# tile_elements per program (4096 = 8 DSv4 heads, 8 KiB of bf16 in) amortises the per-program reductions;
+# the H100 bench sweeps these (bench/pr43891_op_registration.py) and the default is the best it measured
+TUNING = {"tile_elements": 4096, "num_warps": 4}
 # no FMA contraction: torch rounds e*c and o*s before adding them (tests AOT-compile with these to sm_90a)
-LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
 
 
@@ -143,10 +145,10 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     if t == 0 or h == 0:
         return q, scale
     chunks = triton.next_power_of_2(d // QUANT_BLOCK)
-    heads = max(1, min(triton.next_power_of_2(h), _TILE_ELEMENTS // (chunks * QUANT_BLOCK)))
+    heads = max(1, min(triton.next_power_of_2(h), TUNING["tile_elements"] // (chunks * QUANT_BLOCK)))
     grid = (t, triton.cdiv(h, heads))
     _inv_rope_fp8_quant_kernel[grid](
         o, positions, cos_sin_cache, q, scale, o.stride(0), o.stride(1), h,
         HEAD_DIM=d, ROPE_DIM=rope_dim, HEADS=heads, CHUNKS=chunks, AMAX_FLOOR=ATTN_OUT_AMAX_FLOOR,
-        SOFT_ROUND=_INTERPRETED, **LAUNCH_OPTIONS)
+        SOFT_ROUND=_INTERPRETED, num_warps=TUNING["num_warps"], **LAUNCH_OPTIONS)
     return q, scale

@@ -17,16 +17,21 @@ exceed 2^31.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from dsv4lab.kernels.triton._launch import CachedLauncher
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT_DTYPES = (torch.int32, torch.int64)
 MAX_BLOCK = 16384     # longest row held in registers at once; beyond it the chunked two-pass loop runs
 CHUNK_BLOCK = 4096    # chunk length of the two-pass loop
+# warps per program = BLOCK / (32 * values_per_thread), clamped to [1, max_warps]; the H100 bench sweeps it
+TUNING = {"values_per_thread": 16, "max_warps": 16}
 
 
 @triton.jit
@@ -183,16 +188,26 @@ def check_shared_head(h, weight, eps) -> tuple[int, int, float]:
 
 
 # ---- launchers ----------------------------------------------------------------------------------------
+# at decode sizes these kernels run ~5 us: the host path of the launch is most of the eager cost (see _launch)
+_launch_input = CachedLauncher(_mtp_input_rmsnorm_kernel)
+_launch_shared_head = CachedLauncher(_shared_head_rmsnorm_kernel)
+
+
 def launch_config(D: int) -> tuple[int, int, int]:
     """``(BLOCK, NUM_CHUNKS, num_warps)`` for rows of length D."""
+    return _launch_config(D, MAX_BLOCK, CHUNK_BLOCK, TUNING["values_per_thread"], TUNING["max_warps"])
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_config(D: int, max_block: int, chunk_block: int, values_per_thread: int,
+                   max_warps: int) -> tuple[int, int, int]:
     block = triton.next_power_of_2(D)
-    if block <= MAX_BLOCK:
+    if block <= max_block:
         num_chunks = 1
     else:
-        block = CHUNK_BLOCK
+        block = chunk_block
         num_chunks = triton.cdiv(D, block)
-    # ~16 fp32 values per thread at 4096 (8 warps); at most 16 warps (32 values per thread at 16384)
-    num_warps = max(1, min(16, block // 512))
+    num_warps = max(1, min(max_warps, block // (32 * values_per_thread)))
     return block, num_chunks, num_warps
 
 
@@ -211,10 +226,9 @@ def fused_mtp_input_rmsnorm(embed: torch.Tensor, positions: torch.Tensor, prev: 
     if T == 0:
         return e_out, h_out
     block, num_chunks, num_warps = launch_config(D)
-    _mtp_input_rmsnorm_kernel[(T, hc_mult + 1)](
-        embed, positions, prev, enorm_weight, hnorm_weight, e_out, h_out, D, eps,
-        HC_MULT=hc_mult, BLOCK=block, NUM_CHUNKS=num_chunks, TWO_ROUNDING=bool(two_rounding),
-        num_warps=num_warps)
+    _launch_input((T, hc_mult + 1, 1), embed.device,
+                  (embed, positions, prev, enorm_weight, hnorm_weight, e_out, h_out, D, eps,
+                   hc_mult, block, num_chunks, bool(two_rounding)), num_warps)
     return e_out, h_out
 
 
@@ -226,7 +240,6 @@ def mtp_shared_head_rmsnorm(h: torch.Tensor, weight: torch.Tensor, eps: float = 
     if T == 0:
         return out
     block, num_chunks, num_warps = launch_config(D)
-    _shared_head_rmsnorm_kernel[(T,)](h, weight, out, D, eps,
-                                      BLOCK=block, NUM_CHUNKS=num_chunks, TWO_ROUNDING=bool(two_rounding),
-                                      num_warps=num_warps)
+    _launch_shared_head((T, 1, 1), h.device,
+                        (h, weight, out, D, eps, block, num_chunks, bool(two_rounding)), num_warps)
     return out
