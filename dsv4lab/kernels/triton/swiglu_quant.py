@@ -16,8 +16,12 @@ log2), and the e4m3 cast via inv_rope_fp8_quant's ``_to_e4m3``: the hardware RNE
 the bits under the interpreter (whose own fp32 -> fp8 cast is wrong at ties and carries). fp-fusion is off so the
 product h is one rounding as in torch.
 
+Masked layout (``rows=``): only the listed rows are computed (one program each, no launch for empty slab rows);
+``group_rows=M_max`` writes the scales MN-major per group, the layout DeepGEMM's sm90 kernel reads directly.
+
 Input contract: gate_up bf16/fp16/fp32 [M, 2I] with a contiguous last axis, I a multiple of 128; limit > 0;
-m_indices None or int32/int64 [M] on the same device.
+m_indices None or int32/int64 [M] on the same device; rows None or contiguous int32/int64 (not with m_indices);
+group_rows None or a positive divisor of M.
 """
 from __future__ import annotations
 
@@ -34,14 +38,20 @@ _MAX_CHUNKS_PER_PROGRAM = 8         # 8 x 128 columns of h per program
 
 
 @triton.jit
-def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, q_ptr, scale_ptr, stride_row, inter, n_chunks, limit,
-                         CHUNKS: tl.constexpr, HAS_INDICES: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-                         SOFT_ROUND: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, rows_ptr, q_ptr, scale_ptr, stride_row, inter, n_chunks,
+                         limit, group_rows, CHUNKS: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_ROWS: tl.constexpr,
+                         SCALE_MN_MAJOR: tl.constexpr, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    if HAS_ROWS:
+        listed = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
+        row_ok = listed >= 0                                          # a dropped slot: nothing to do
+        row = tl.maximum(listed, 0)
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        row_ok = row >= 0
     chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)          # [C]
     lane = tl.arange(0, 128)
     col = chunk[:, None] * 128 + lane[None, :]                        # [C, 128] column of h
-    valid = (chunk < n_chunks)[:, None]
+    valid = (chunk < n_chunks)[:, None] & row_ok
     if HAS_INDICES:
         valid = valid & (tl.load(m_indices_ptr + row) >= 0)
     base = gate_up_ptr + row * stride_row
@@ -61,12 +71,17 @@ def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, q_ptr, scale_ptr, stride_ro
     scaled = tl.minimum(tl.maximum(h * inv_scale[:, None], -448.0), 448.0)
     q = _to_e4m3(scaled, SOFT_ROUND)
 
-    in_row = (chunk < n_chunks)[:, None]
+    in_row = (chunk < n_chunks)[:, None] & row_ok
     tl.store(q_ptr + row * inter + col, q, mask=in_row)
-    tl.store(scale_ptr + row * n_chunks + chunk, scale, mask=chunk < n_chunks)
+    if SCALE_MN_MAJOR:   # [G, n_chunks, group_rows] storage, what DeepGEMM's sm90 masked kernel reads
+        sf_off = (row // group_rows) * n_chunks * group_rows + chunk * group_rows + row % group_rows
+    else:
+        sf_off = row * n_chunks + chunk
+    tl.store(scale_ptr + sf_off, scale, mask=(chunk < n_chunks) & row_ok)
 
 
-def check_swiglu_quant_args(gate_up: torch.Tensor, limit: float, m_indices: torch.Tensor | None) -> tuple[int, float]:
+def check_swiglu_quant_args(gate_up: torch.Tensor, limit: float, m_indices: torch.Tensor | None,
+                            rows: torch.Tensor | None = None, group_rows: int | None = None) -> tuple[int, float]:
     """Input contract (see the module docstring); returns (I, limit)."""
     chk.tensor("gate_up", gate_up, (torch.bfloat16, torch.float16, torch.float32), dim=2)
     m, two_i = gate_up.shape
@@ -83,23 +98,47 @@ def check_swiglu_quant_args(gate_up: torch.Tensor, limit: float, m_indices: torc
         if not m_indices.is_contiguous():
             raise ValueError("m_indices: expected a contiguous tensor")
         chk.same_device(gate_up=gate_up, m_indices=m_indices)
+    if rows is not None:
+        if m_indices is not None:
+            raise ValueError("rows: pass either m_indices (contiguous layout) or rows (masked layout), not both")
+        chk.tensor("rows", rows, chk.INT_DTYPES)
+        if not rows.is_contiguous():
+            raise ValueError("rows: expected a contiguous tensor")
+        chk.same_device(gate_up=gate_up, rows=rows)
+    if group_rows is not None:
+        chk.positive_int("group_rows", group_rows)
+        if m % group_rows:
+            raise ValueError(f"group_rows: expected a divisor of the {m} rows of gate_up, got {group_rows}")
     return two_i // 2, limit
 
 
-def swiglu_quant(gate_up: torch.Tensor, limit: float, m_indices: torch.Tensor | None = None
+def swiglu_quant(gate_up: torch.Tensor, limit: float, m_indices: torch.Tensor | None = None, *,
+                 rows: torch.Tensor | None = None, group_rows: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q e4m3 [M, I], scale fp32 [M, I/128])`` of ``silu(min(g, L)) * clamp(u, -L, L)``; see the module doc."""
-    inter, limit = check_swiglu_quant_args(gate_up, limit, m_indices)
+    """``(q e4m3 [M, I], scale fp32 [M, I/128])`` of ``silu(min(g, L)) * clamp(u, -L, L)``; see the module doc.
+
+    ``rows`` (masked layout): only these rows of gate_up are computed (entries < 0 skipped); the other rows of q and
+    scale are left unwritten. ``group_rows`` = M_max: the scales are stored MN-major per group ([G, I/128, M_max]
+    storage) and returned as its [G, M_max, I/128] transposed view (row r of gate_up = group r // M_max, slot
+    r % M_max)."""
+    inter, limit = check_swiglu_quant_args(gate_up, limit, m_indices, rows, group_rows)
     m = gate_up.shape[0]
     n_chunks = inter // QUANT_BLOCK
     q = torch.empty((m, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
-    scale = torch.empty((m, n_chunks), dtype=torch.float32, device=gate_up.device)
-    if m == 0:
-        return q, scale
+    if group_rows is None:
+        scale = torch.empty((m, n_chunks), dtype=torch.float32, device=gate_up.device)
+        scale_out = scale
+    else:
+        scale = torch.empty((m // group_rows, n_chunks, group_rows), dtype=torch.float32, device=gate_up.device)
+        scale_out = scale.transpose(1, 2)
+    n_programs = m if rows is None else rows.numel()
+    if m == 0 or n_programs == 0:
+        return q, scale_out
     chunks = min(_MAX_CHUNKS_PER_PROGRAM, triton.next_power_of_2(n_chunks))
-    grid = (m, triton.cdiv(n_chunks, chunks))
+    grid = (n_programs, triton.cdiv(n_chunks, chunks))
     _swiglu_quant_kernel[grid](
-        gate_up, m_indices if m_indices is not None else gate_up, q, scale, gate_up.stride(0), inter, n_chunks,
-        limit, CHUNKS=chunks, HAS_INDICES=m_indices is not None, AMAX_FLOOR=AMAX_FLOOR,
+        gate_up, m_indices if m_indices is not None else gate_up, rows if rows is not None else gate_up, q, scale,
+        gate_up.stride(0), inter, n_chunks, limit, group_rows or 1, CHUNKS=chunks, HAS_INDICES=m_indices is not None,
+        HAS_ROWS=rows is not None, SCALE_MN_MAJOR=group_rows is not None, AMAX_FLOOR=AMAX_FLOOR,
         SOFT_ROUND=_INTERPRETED, num_warps=4, enable_fp_fusion=False)
-    return q, scale
+    return q, scale_out
