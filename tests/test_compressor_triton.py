@@ -115,3 +115,111 @@ def test_registry():
     assert registry.get("indexer_q_rope_quant", "triton") is triton_indexer_q
     ok, why = registry.availability("indexer_topk", "deep_gemm")
     assert ok == torch.cuda.is_available() or not ok
+
+
+# ---- launch configurations and tiling edges -----------------------------------------------------------------
+from dsv4lab.kernels.triton import compressor as triton_compressor  # noqa: E402
+from dsv4lab.kernels.triton import indexer_q as triton_indexer_q_mod  # noqa: E402
+
+
+def _projections(ratio, hd, T, seed=0):
+    wkv, wg, ape, nw = weights(ratio, hd, seed=seed)
+    x = unit_rms((T, 64), torch.Generator().manual_seed(seed + 1))
+    used = x[: (T // ratio) * ratio].float()
+    return x, (wkv, wg, ape, nw), used @ wkv.float().T, used @ wg.float().T
+
+
+@pytest.mark.parametrize("ratio,T,config", [
+    (4, 22, dict(block_c=None, rows=4)),          # two candidate tiles: entry 0's first tile is all absent
+    (4, 23, dict(block_c=32, rows=2, num_warps=2)),   # 4 channel slices, 4 tiles; T not a multiple of r
+    (128, 257, dict(block_c=128, rows=32)),       # whole row, 4 tiles; one token past the last block
+    (128, 256, dict(block_c=16, rows=128)),       # 8 slices finished by the last arriving program, one tile
+])
+def test_every_tiling_matches_reference(ratio, T, config):
+    hd = 128
+    x, (wkv, wg, ape, nw), A, S = _projections(ratio, hd, T)
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd, fp8_nope=True)
+    got = compress_from_projections(A, S, ape, nw, ratio, INV, head_dim=hd, fp8_nope=True, config=config)
+    plain = compress_from_projections(A, S, ape, nw, ratio, INV, head_dim=hd, config=config)
+    assert got.shape == (T // ratio, hd)
+    assert bool(((plain.double() - reference_compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd).double()).abs()
+                 <= bf16_ulp(ref)).all())
+    nope = hd - 64
+    assert torch.equal(got[:, :nope], fp8_roundtrip(plain[:, :nope], 64)) and torch.equal(got[:, nope:], plain[:, nope:])
+    assert (got != ref).float().mean() < 0.02          # only where a 1-ulp bf16 difference crosses an fp8 midpoint
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_bench_configs_resolve_and_agree(ratio):
+    """Every swept config is valid; on a tiny shape each gives the same entries up to 1 bf16 ulp."""
+    hd, T = 64, 2 * ratio + 1
+    x, (wkv, wg, ape, nw), A, S = _projections(ratio, hd, T, seed=7)
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV[:16], head_dim=hd)
+    for cfg in triton_compressor.CONFIGS[ratio]:
+        cfg = {**cfg, "block_c": None if cfg["block_c"] is None else min(cfg["block_c"], hd)}
+        got = compress_from_projections(A, S, ape, nw, ratio, INV[:16], head_dim=hd, config=cfg)
+        assert bool(((got.double() - ref.double()).abs() <= bf16_ulp(ref)).all()), cfg
+
+
+def test_split_path_leaves_counters_zeroed_and_repeats():
+    """The last-arriving program resets the per-entry counters, so a second launch on the cached buffer agrees."""
+    hd, T = 128, 512
+    _, (wkv, wg, ape, nw), A, S = _projections(128, hd, T, seed=3)
+    cfg = dict(block_c=32, rows=64)
+    first = compress_from_projections(A, S, ape, nw, 128, INV, head_dim=hd, config=cfg)
+    counters = triton_compressor._arrival_counters(T // 128, A.device)
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(compress_from_projections(A, S, ape, nw, 128, INV, head_dim=hd, config=cfg), first)
+
+
+def test_entry_rope_table_follows_inv_freq_changes():
+    inv = INV.clone()
+    cos, sin = triton_compressor.entry_cos_sin(inv, 4, 5, torch.device("cpu"))
+    from dsv4lab.rope import rope_cos_sin
+    c_ref, s_ref = rope_cos_sin(torch.arange(5) * 4, inv)
+    assert torch.equal(cos[:5], c_ref) and torch.equal(sin[:5], s_ref)
+    inv.mul_(0.5)                                             # in place: the cached table must not be reused
+    cos2, _ = triton_compressor.entry_cos_sin(inv, 4, 5, torch.device("cpu"))
+    assert torch.equal(cos2[:5], rope_cos_sin(torch.arange(5) * 4, inv)[0])
+    big, _ = triton_compressor.entry_cos_sin(inv, 4, 300, torch.device("cpu"))   # grows; rows keep their values
+    assert big.shape[0] >= 300 and torch.equal(big[:5], cos2[:5])
+
+
+def test_config_errors_name_the_parameter():
+    _, (_, _, ape, nw), A, S = _projections(4, 128, 16)
+    for bad, name in [(dict(block_c=96), "block_c"), (dict(rows=3), "rows"), (dict(rows=16), "rows"),
+                      (dict(num_warps=3), "num_warps"), (dict(blocks=2), "config")]:
+        with pytest.raises(ValueError, match=name):
+            compress_from_projections(A, S, ape, nw, 4, INV, head_dim=128, config=bad)
+    with pytest.raises(ValueError, match="block_rows"):
+        triton_indexer_q_mod.resolve_config(dict(block_rows=24))
+
+
+@pytest.mark.parametrize("T,nI,config", [(5, 3, dict(block_rows=4)),    # rows straddle tokens; 15 rows, last tile partial
+                                         (3, 8, dict(block_rows=64, num_warps=8)),   # one partial tile
+                                         (7, 2, dict(block_rows=1, num_warps=1))])
+def test_indexer_q_tilings_bitwise(T, nI, config):
+    g = torch.Generator().manual_seed(T * nI)
+    q = torch.randn(T, nI, 128, generator=g).to(torch.bfloat16)
+    pos = torch.tensor([0, 1, 4095, 4096, 65535, 17, 3][:T])           # block-edge and large positions
+    w = torch.randn(T, nI, generator=g)
+    from dsv4lab.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(pos, INV)
+    q8, w_out = triton_indexer_q_mod.launch(q, cos, sin, w, config)
+    r8, rw = indexer_q_rope_quant(q, pos, INV, w)
+    assert torch.equal(q8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(w_out, rw)
+
+
+def test_indexer_q_swept_configs_bitwise_and_empty():
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(6, 4, 128, generator=g).to(torch.bfloat16)
+    pos = torch.arange(6) * 1000
+    w = torch.randn(6, 4, generator=g).to(torch.bfloat16)
+    r8, rw = indexer_q_rope_quant(q, pos, INV, w)
+    from dsv4lab.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(pos, INV)
+    for cfg in triton_indexer_q_mod.CONFIGS:
+        q8, w_out = triton_indexer_q_mod.launch(q, cos, sin, w, cfg)
+        assert torch.equal(q8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(w_out, rw), cfg
+    e8, ew = triton_indexer_q(q[:0], pos[:0], INV, w[:0])
+    assert e8.shape == (0, 4, 128) and ew.shape == (0, 4)

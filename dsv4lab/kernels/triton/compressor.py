@@ -1,18 +1,28 @@
 """Triton: KV compressor pooling + RMSNorm + RoPE + fp8 nope round trip (dsv4-layers.md 3.4), prefill form.
 
 Same contract as ``dsv4lab.kernels.reference.compressor.compress``; the two projections stay torch GEMMs
-(``A = x @ wkv.T``, ``S = x @ wgate.T``, fp32 out) and the kernel does the rest from A and S:
+(``A = x @ wkv.T``, ``S = x @ wgate.T``, fp32 out) and ONE kernel does the rest from A and S:
 
     entry i, channel ch:  candidates u with (value A[t_u, col_u], score S[t_u, col_u] + ape[t_u % r, col_u])
         r = 128: t_u = 128 i + u, col_u = ch                         (u < 128)
         r = 4:   t_u = 4 i - 4 + u, col_u = ch + hd * (u >= 4)         (u < 8; t_u < 0 is absent)
-    pooled = sum_u softmax_u(score) value                            (fp32, online over chunks of candidates)
+    pooled = sum_u softmax_u(score) value                            (fp32)
     y = RoPE(RMSNorm(pooled; w), pos = i r)  -> bf16 (one rounding)
     fp8_nope: y[:nope] -> e4m3 with a power-of-two scale per 64 channels (amax floor 1e-4) -> back to bf16
 
-One program pools one entry over a block of channels. When it owns the whole row (BLOCK_C = hd) it also
-normalises, rotates and quantises; otherwise (few entries, e.g. ratio 128 at small T, where one program per
-entry would leave most SMs idle) the pooled rows go through an fp32 workspace to a second, per-entry kernel.
+Bytes: the kernel reads A and S once (8 c hd bytes per token, c = 2 for r = 4) and writes 2 hd bytes per entry;
+everything else (ape, norm weight, the cos/sin rows of the entries) is small and L2-resident.
+
+Tiling. A program owns one entry x BLOCK_C channels and walks the candidates in tiles of ROWS x BLOCK_C.
+Each lane (candidate row, channel) keeps its own online-softmax state, so the loop is purely elementwise (no
+cross-thread reduction per tile); the ROWS lanes of a channel are merged once at the end. With BLOCK_C = hd the
+program also normalises, rotates and quantises its row. With BLOCK_C < hd (few entries, e.g. ratio 128 at
+T = 4096 has 32, which would leave most SMs idle) every program writes its pooled slice to an fp32 workspace and
+bumps a per-entry arrival counter; the LAST program of the entry reads the row back (from L2) and finishes it, so
+it is still one launch. The counters are reset by that program (a cached, zeroed buffer per device and stream).
+
+cos/sin of the entry positions come from ``rope.rope_cos_sin`` (as the reference), cached per ``inv_freq``
+tensor (by identity and version), so a call launches no torch kernels besides the Triton one.
 
 Interpreter: its fp32 -> bf16 cast truncates and its e4m3 cast is wrong, so there the kernel rounds to the bf16
 grid (RNE) and to the e4m3 grid with integer ops first (``SOFT_ROUND``); on the GPU the hardware casts round.
@@ -20,18 +30,35 @@ grid (RNE) and to the e4m3 grid with integer ops first (``SOFT_ROUND``); on the 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 from ...quant import FP8_AMAX_FLOOR
+from ...rope import rope_cos_sin
 from ..reference._attn_checks import ANY_FLOAT, check_inv_freq, check_tensor
 from ..reference.compressor import FP8_KV_BLOCK, RATIOS
 from .inv_rope_fp8_quant import _scale_bits, _to_e4m3
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
-_TARGET_PROGRAMS = 264
+
+# Launch configurations. ``block_c``: channels per program (None: hd, halved while the grid has fewer than
+# ``target_programs`` programs, down to ``min_block_c``); ``rows``: candidate rows per tile; ``num_warps``.
+# DEFAULT_CONFIG is what the launcher uses; CONFIGS is what bench/attention_kernels.py sweeps on the GPU (every
+# config's time is recorded), so the lead can switch DEFAULT_CONFIG from the H100 records.
+DEFAULT_CONFIG: dict[int, dict] = {
+    4: dict(block_c=None, rows=8, num_warps=4, target_programs=264, min_block_c=64),
+    128: dict(block_c=None, rows=16, num_warps=4, target_programs=528, min_block_c=32),
+}
+CONFIGS: dict[int, list[dict]] = {
+    4: [dict(block_c=bc, rows=rows, num_warps=nw) for bc, rows, nw in
+        [(None, 8, 4), (None, 8, 8), (None, 4, 4), (256, 8, 4), (128, 8, 4), (128, 8, 2), (64, 8, 2)]],
+    128: [dict(block_c=bc, rows=rows, num_warps=nw) for bc, rows, nw in
+          [(None, 16, 4), (None, 32, 4), (None, 8, 4), (64, 16, 4), (32, 16, 2), (32, 32, 4), (128, 16, 4),
+           (512, 16, 8)]],
+}
 
 
 @triton.jit
@@ -58,7 +85,9 @@ def _finish_row(pooled, entry, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
     cos = tl.load(cos_ptr + entry * (ROPE_DIM // 2) + pair - NOPE // 2, mask=rot_pair, other=1.0)
     sin = tl.load(sin_ptr + entry * (ROPE_DIM // 2) + pair - NOPE // 2, mask=rot_pair, other=0.0)
     even, odd = tl.split(tl.reshape(y, (HEAD_DIM // 2, 2)))
-    y = tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (HEAD_DIM,))
+    # nope pairs pass through untouched (a rotation by 0 could flip the sign of an exact zero)
+    y = tl.reshape(tl.join(tl.where(rot_pair, even * cos - odd * sin, even),
+                           tl.where(rot_pair, odd * cos + even * sin, odd)), (HEAD_DIM,))
     yb = _round_bf16(y, SOFT_ROUND)
     if FP8_NOPE:
         blocks = tl.reshape(yb.to(tl.float32), (HEAD_DIM // QBLOCK, QBLOCK))
@@ -71,60 +100,145 @@ def _finish_row(pooled, entry, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
 
 
 @triton.jit
-def _compress_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, stride_row, eps,
-                     RATIO: tl.constexpr, OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
-                     BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, FINISH: tl.constexpr, FP8_NOPE: tl.constexpr,
-                     QBLOCK: tl.constexpr, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
-    N_CAND: tl.constexpr = 2 * RATIO if OVERLAP else RATIO
+def _candidate_tile(a_ptr, s_ptr, ape_ptr, entry, ch, u, stride_row,
+                    RATIO: tl.constexpr, OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(value, score) of candidates ``u`` [ROWS] x channels ``ch`` [BLOCK_C]; absent candidates score -inf."""
     FIRST: tl.constexpr = RATIO if OVERLAP else 0               # candidate u sits at token RATIO*i - FIRST + u
-    entry = tl.program_id(0).to(tl.int64)
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = tl.full([BLOCK_C], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for u0 in range(0, N_CAND, CHUNK):
-        u = u0 + tl.arange(0, CHUNK)
-        token = entry * RATIO - FIRST + u
+    token = entry * RATIO - FIRST + u
+    if OVERLAP:
+        col = ch[None, :] + HEAD_DIM * (u >= RATIO).to(tl.int64)[:, None]
         present = (token >= 0)[:, None]
-        if OVERLAP:
-            col = ch[None, :] + HEAD_DIM * (u >= RATIO).to(tl.int64)[:, None]
-        else:
-            col = ch[None, :] + 0 * u[:, None]
         value = tl.load(a_ptr + token[:, None] * stride_row + col, mask=present, other=0.0)
         score = tl.load(s_ptr + token[:, None] * stride_row + col, mask=present, other=0.0) \
             + tl.load(ape_ptr + (u % RATIO)[:, None] * stride_row + col)
         score = tl.where(present, score, float("-inf"))
-        m_new = tl.maximum(m, tl.max(score, axis=0))             # finite: every chunk of a block has a token
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(score - m_new[None, :])
-        l = l * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p * value, axis=0)
-        m = m_new
-    pooled = acc / l
-    if FINISH:
+    else:
+        col = ch[None, :]
+        value = tl.load(a_ptr + token[:, None] * stride_row + col)
+        score = tl.load(s_ptr + token[:, None] * stride_row + col) + tl.load(ape_ptr + u[:, None] * stride_row + col)
+    return value, score
+
+
+@triton.jit
+def _compress_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, pooled_ptr, count_ptr,
+                     stride_row, eps,
+                     RATIO: tl.constexpr, OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
+                     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FP8_NOPE: tl.constexpr,
+                     QBLOCK: tl.constexpr, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    N_CAND: tl.constexpr = 2 * RATIO if OVERLAP else RATIO
+    N_CBLOCKS: tl.constexpr = HEAD_DIM // BLOCK_C
+    entry = tl.program_id(0).to(tl.int64)
+    cblock = tl.program_id(1)
+    ch = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+    u = tl.arange(0, ROWS)
+    if N_CAND == ROWS:
+        value, score = _candidate_tile(a_ptr, s_ptr, ape_ptr, entry, ch, u, stride_row, RATIO, OVERLAP, HEAD_DIM)
+        m = tl.max(score, axis=0)                                  # finite: the entry's own block is present
+        p = tl.exp(score - m[None, :])
+        pooled = tl.sum(p * value, axis=0) / tl.sum(p, axis=0)
+    else:
+        # per-lane online softmax: elementwise over tiles, one merge over the ROWS lanes at the end
+        m = tl.full([ROWS, BLOCK_C], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        for u0 in range(0, N_CAND, ROWS):
+            value, score = _candidate_tile(a_ptr, s_ptr, ape_ptr, entry, ch, u0 + u, stride_row, RATIO, OVERLAP,
+                                           HEAD_DIM)
+            m_new = tl.maximum(m, score)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # lanes with no candidate yet stay (0, 0)
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(score - m_ref)
+            l = l * alpha + p
+            acc = acc * alpha + p * value
+            m = m_new
+        m_row = tl.max(m, axis=0)                                  # finite: the entry's own block is present
+        w = tl.exp(m - m_row[None, :])
+        pooled = tl.sum(acc * w, axis=0) / tl.sum(l * w, axis=0)
+    if N_CBLOCKS == 1:
         _finish_row(pooled, entry, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM, FP8_NOPE,
                     QBLOCK, AMAX_FLOOR, SOFT_ROUND)
     else:
         tl.store(pooled_ptr + entry * HEAD_DIM + ch, pooled)
+        tl.debug_barrier()                                         # every thread's slice is written first
+        arrived = tl.atomic_add(count_ptr + entry, 1, sem="acq_rel", scope="gpu")
+        if arrived == N_CBLOCKS - 1:                               # the last slice of this entry: finish the row
+            row = tl.load(pooled_ptr + entry * HEAD_DIM + tl.arange(0, HEAD_DIM), cache_modifier=".cg")
+            _finish_row(row, entry, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM, FP8_NOPE,
+                        QBLOCK, AMAX_FLOOR, SOFT_ROUND)
+            tl.store(count_ptr + entry, 0)                         # leave the cached counters zeroed
 
 
-@triton.jit
-def _finish_kernel(pooled_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
-                   HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr,
-                   AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
-    entry = tl.program_id(0).to(tl.int64)
-    pooled = tl.load(pooled_ptr + entry * HEAD_DIM + tl.arange(0, HEAD_DIM))
-    _finish_row(pooled, entry, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM, FP8_NOPE, QBLOCK,
-                AMAX_FLOOR, SOFT_ROUND)
+# ---- host side ----------------------------------------------------------------------------------------------
+_rope_tables: dict[int, tuple] = {}      # id(inv_freq) -> (weakref, version, {(ratio, device): (cos, sin)})
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _forget_tables(dead: weakref.ref) -> None:
+    """Drop the tables of a freed ``inv_freq`` (its id may be reused by another tensor)."""
+    for key, hit in list(_rope_tables.items()):
+        if hit[0] is dead:
+            del _rope_tables[key]
+
+
+def entry_cos_sin(inv_freq: torch.Tensor, ratio: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [>= n, rope/2] fp32 at positions ``i * ratio`` (``rope.rope_cos_sin``, as the reference), cached
+    per ``inv_freq`` tensor while it lives and is not modified in place (rows do not depend on the table length)."""
+    key = id(inv_freq)
+    hit = _rope_tables.get(key)
+    if hit is None or hit[0]() is not inv_freq or hit[1] != inv_freq._version:
+        hit = _rope_tables[key] = (weakref.ref(inv_freq, _forget_tables), inv_freq._version, {})
+    tables = hit[2]
+    dkey = (ratio, str(device))
+    cs = tables.get(dkey)
+    if cs is None or cs[0].shape[0] < n:
+        rows = max(n, 2 * cs[0].shape[0] if cs is not None else 0, 64)
+        cos, sin = rope_cos_sin(torch.arange(rows, device=device) * ratio, inv_freq.to(device))
+        cs = tables[dkey] = (cos.contiguous(), sin.contiguous())
+    return cs
+
+
+def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters (>= n), one buffer per device and stream; the kernel leaves them zeroed."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _counters[key] = torch.zeros(max(n, 2 * (buf.numel() if buf is not None else 0), 256),
+                                           dtype=torch.int32, device=device)
+    return buf
+
+
+def resolve_config(ratio: int, n_entries: int, head_dim: int, config: dict | None = None) -> dict:
+    """The launch parameters (block_c, rows, num_warps) used for ``n_entries`` entries: ``config`` over
+    ``DEFAULT_CONFIG[ratio]``, with ``block_c=None`` resolved and everything checked."""
+    cfg = {**DEFAULT_CONFIG[ratio], **(config or {})}
+    unknown = set(cfg) - {"block_c", "rows", "num_warps", "target_programs", "min_block_c"}
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}")
+    block_c = cfg["block_c"]
+    if block_c is None:
+        block_c = head_dim
+        while n_entries * (head_dim // block_c) < cfg["target_programs"] and block_c > cfg["min_block_c"]:
+            block_c //= 2
+    if not isinstance(block_c, int) or block_c > head_dim or head_dim % block_c or block_c & (block_c - 1):
+        raise ValueError(f"block_c: expected a power-of-two divisor of head_dim={head_dim}, got {block_c!r}")
+    n_cand = 8 if ratio == 4 else ratio
+    rows = cfg["rows"]
+    if not isinstance(rows, int) or rows < 1 or n_cand % rows or rows & (rows - 1):
+        raise ValueError(f"rows: expected a power-of-two divisor of the {n_cand} candidates, got {rows!r}")
+    if cfg["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {cfg['num_warps']!r}")
+    return dict(block_c=block_c, rows=rows, num_warps=cfg["num_warps"])
 
 
 def compress_from_projections(A: torch.Tensor, S: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                               ratio: int, inv_freq: torch.Tensor, *, head_dim: int, eps: float = 1e-6,
-                              fp8_nope: bool = False, block_c: int | None = None) -> torch.Tensor:
+                              fp8_nope: bool = False, block_c: int | None = None,
+                              config: dict | None = None) -> torch.Tensor:
     """The fused part of ``compress``: fp32 projections ``A``, ``S`` [T, c*hd] -> entries [T // ratio, hd] bf16.
 
-    ``block_c``: channels per pooling program (None: the whole row unless that leaves fewer than ~264 programs).
-    """
+    ``config``: launch parameters over ``DEFAULT_CONFIG[ratio]`` (see ``CONFIGS``); ``block_c`` overrides its
+    channels per program (None: the config's choice)."""
     if ratio not in RATIOS:
         raise ValueError(f"ratio: expected one of {RATIOS}, got {ratio!r}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 16 or head_dim & (head_dim - 1):
@@ -145,30 +259,21 @@ def compress_from_projections(A: torch.Tensor, S: torch.Tensor, ape: torch.Tenso
     if A.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"A: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {A.device}")
     n = T // ratio
+    cfg = resolve_config(ratio, n, head_dim, config if block_c is None else {**(config or {}), "block_c": block_c})
     out = torch.empty(n, head_dim, dtype=torch.bfloat16, device=A.device)
     if n == 0:
         return out
     A, S = A.contiguous(), S.contiguous()
     ape32 = ape.to(torch.float32).contiguous()
-    entry_pos = torch.arange(n, device=A.device, dtype=torch.float32) * ratio
-    ang = entry_pos[:, None] * inv_freq.to(A.device, torch.float32)[None, :]     # as rope.rope_cos_sin
-    cos, sin = torch.cos(ang).contiguous(), torch.sin(ang).contiguous()
-    if block_c is None:
-        block_c = head_dim
-        while n * (head_dim // block_c) < _TARGET_PROGRAMS and block_c > 64:
-            block_c //= 2
-    if block_c > head_dim or head_dim % block_c or block_c & (block_c - 1):
-        raise ValueError(f"block_c: expected a power-of-two divisor of head_dim={head_dim}, got {block_c}")
-    finish = block_c == head_dim
-    pooled = out if finish else torch.empty(n, head_dim, dtype=torch.float32, device=A.device)
-    common = dict(HEAD_DIM=head_dim, ROPE_DIM=rope, FP8_NOPE=bool(fp8_nope and nope), QBLOCK=FP8_KV_BLOCK,
-                  AMAX_FLOOR=FP8_AMAX_FLOOR, SOFT_ROUND=_INTERPRETED)
-    chunk = 8 if ratio == 4 else 16
-    _compress_kernel[(n, head_dim // block_c)](
-        A, S, ape32, norm_weight, cos, sin, out, pooled, A.stride(0), float(eps), RATIO=ratio, OVERLAP=ratio == 4,
-        BLOCK_C=block_c, CHUNK=chunk, FINISH=finish, num_warps=4 if block_c <= 256 else 8, **common)
-    if not finish:
-        _finish_kernel[(n,)](pooled, norm_weight, cos, sin, out, float(eps), num_warps=4, **common)
+    cos, sin = entry_cos_sin(inv_freq, ratio, n, A.device)
+    split = cfg["block_c"] < head_dim
+    pooled = torch.empty(n, head_dim, dtype=torch.float32, device=A.device) if split else out
+    counters = _arrival_counters(n, A.device) if split else out
+    _compress_kernel[(n, head_dim // cfg["block_c"])](
+        A, S, ape32, norm_weight, cos, sin, out, pooled, counters, A.stride(0), float(eps),
+        RATIO=ratio, OVERLAP=ratio == 4, HEAD_DIM=head_dim, ROPE_DIM=rope, BLOCK_C=cfg["block_c"], ROWS=cfg["rows"],
+        FP8_NOPE=bool(fp8_nope and nope), QBLOCK=FP8_KV_BLOCK, AMAX_FLOOR=FP8_AMAX_FLOOR, SOFT_ROUND=_INTERPRETED,
+        num_warps=cfg["num_warps"])
     return out
 
 
