@@ -21,6 +21,14 @@ subnormal grid (multiples of 2^-9): i.e. when a 1x32 scale sits more than ~14 bi
 largest. Such elements are rounded (RNE) and counted (``ConversionStats``); realistic weights have none.
 
 Step 2 needs the group sizes on the host (one device sync per call) to size M; everything else is on device.
+
+Masked layout (decode; ``LAYOUT_POLICY`` picks it by T): activations [G, M_max, D] with per-group row counts
+``masked_m`` (Triton plan + scatter, ``triton/moe_masked_layout.py``), ``m_grouped_fp8_gemm_nt_masked`` for both
+GEMMs, SwiGLU-quant over the valid rows only, the same Triton combine. With M_max = align(T, 128) it needs no host
+sync (CUDA-graph capturable with ``validate_ids=False``); above ``static_m_max_tokens`` M_max follows the largest
+routed group (one sync) and the shared slices are split into ceil(T / M_max) groups whose B operand repeats the
+shared weights (``masked_experts``, cached). Both layouts compute every valid row with the same per-row math and use
+the same combine kernel, so they agree bitwise whenever DeepGEMM's two kernels do.
 DeepGEMM is imported lazily (it cannot be imported on a CPU machine); ``grouped_gemm=`` and ``alignment=``
 let the CPU tests drive the same bookkeeping with an emulated GEMM.
 """
@@ -41,6 +49,22 @@ WEIGHT_AMAX_FLOOR = 2.0 ** -126    # an all-zero weight block gets scale 2^-126 
 _CONVERT_CHUNK_ELEMENTS = 1 << 27  # experts converted per step: <= 512 MiB of fp32 temporaries
 
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# Layout choice by token count T (the bench sweeps these; one dict so the launcher default is one edit):
+#   masked  if T <= masked_max_tokens, or masked_min_tokens is not None and T >= masked_min_tokens; else contiguous
+#   static_m_max_tokens: up to this T the masked M_max is align(T, 128) (no host sync), above it the largest group's
+#   expected_m: DeepGEMM's block-size hint for the masked kernel; None = ceil(T * k / E) (the mean routed group)
+LAYOUT_POLICY: dict = {"masked_max_tokens": 64, "masked_min_tokens": None, "static_m_max_tokens": 256,
+                       "expected_m": None}
+
+
+def layout_for(tokens: int, policy: dict | None = None) -> str:
+    """'masked' or 'contiguous' for a batch of ``tokens`` under ``policy`` (default ``LAYOUT_POLICY``)."""
+    p = LAYOUT_POLICY if policy is None else policy
+    if tokens <= p["masked_max_tokens"] or (p["masked_min_tokens"] is not None and tokens >= p["masked_min_tokens"]):
+        return "masked"
+    return "contiguous"
 
 
 def _deep_gemm():
@@ -243,7 +267,8 @@ def gather_rows(x_q: torch.Tensor, x_sf: torch.Tensor, layout: ContiguousLayout)
 
 
 def combine(out: torch.Tensor, layout: ContiguousLayout, slot_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``y[t] = sum_j slot_weights[t, j] * out[row[t, j]]`` in fp32, j in slot order (deterministic), -> dtype."""
+    """``y[t] = sum_j slot_weights[t, j] * out[row[t, j]]`` in fp32, j in slot order (deterministic), -> dtype.
+    The torch form; the pipeline uses the one-launch Triton ``combine_rows`` (same order, shared by both layouts)."""
     t, n_slots = layout.row.shape
     y = torch.zeros((t, out.shape[1]), dtype=torch.float32, device=out.device)
     for j in range(n_slots):
@@ -259,6 +284,40 @@ def deep_gemm_grouped(a: torch.Tensor, a_sf: torch.Tensor, b: torch.Tensor, b_sf
     return out
 
 
+MaskedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def deep_gemm_masked(a: torch.Tensor, a_sf: torch.Tensor, b: torch.Tensor, b_sf: torch.Tensor,
+                     masked_m: torch.Tensor, expected_m: int) -> torch.Tensor:
+    """``out[g, r] = deq(a[g, r]) @ deq(b[g]).T`` for r < masked_m[g], bf16 [G, M_max, N] (rows past masked_m[g]
+    unspecified). sgl-deep-gemm 0.1.4.post1 names it ``m_grouped_fp8_fp4_gemm_nt_masked`` (alias
+    ``fp8_m_grouped_gemm_nt_masked``); upstream DeepGEMM also has ``m_grouped_fp8_gemm_nt_masked``."""
+    dg = _deep_gemm()
+    fn = (getattr(dg, "m_grouped_fp8_gemm_nt_masked", None) or getattr(dg, "m_grouped_fp8_fp4_gemm_nt_masked", None)
+          or dg.fp8_m_grouped_gemm_nt_masked)
+    out = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+    fn((a, a_sf), (b, b_sf), out, masked_m, expected_m)
+    return out
+
+
+_MASKED_EXPERTS: dict[tuple, "HopperExperts"] = {}
+
+
+def masked_experts(experts: "HopperExperts", shared_chunks: int) -> "HopperExperts":
+    """The B operands of a masked layout with ``shared_chunks`` groups per shared slice: routed experts, then each
+    shared slice repeated ``shared_chunks`` times (cached; identity for 1 chunk or no shared expert)."""
+    if shared_chunks == 1 or experts.n_shared_groups == 0:
+        return experts
+    key = (id(experts), experts.w13.data_ptr(), shared_chunks)
+    if key not in _MASKED_EXPERTS:
+        _MASKED_EXPERTS.clear()
+        e = experts.n_routed
+        rep = [torch.cat((w[:e], w[e:].repeat_interleave(shared_chunks, dim=0)))
+               for w in (experts.w13, experts.w13_sf, experts.w2, experts.w2_sf)]
+        _MASKED_EXPERTS[key] = HopperExperts(*rep, e, experts.n_shared_groups * shared_chunks, experts.stats)
+    return _MASKED_EXPERTS[key]
+
+
 def mk_alignment() -> int:
     """DeepGEMM's M alignment of each group in the contiguous layout (128 on sm_90 in the versions checked)."""
     return int(_deep_gemm().get_mk_alignment_for_contiguous_layout())
@@ -266,29 +325,71 @@ def mk_alignment() -> int:
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: HopperExperts, *,
                     swiglu_limit: float, alignment: int | None = None, grouped_gemm: GroupedGemm | None = None,
-                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None, layout: str | None = None,
+                    masked_gemm: MaskedGemm | None = None, m_max: int | None = None, expected_m: int | None = None,
+                    validate_ids: bool = True, policy: dict | None = None) -> torch.Tensor:
     """Steps 1-6 of the module docstring -> [T, D] in x's dtype. ``x_quant`` = (e4m3 [T, D], fp32 [T, D/128])
-    skips step 1 (MegaMoE stages x in its symmetric buffer already quantised)."""
-    from ..triton.swiglu_quant import swiglu_quant
-
+    skips step 1 (MegaMoE stages x in its symmetric buffer already quantised). ``layout``: 'contiguous', 'masked'
+    or None (``layout_for(T, policy)``; contiguous when only ``grouped_gemm`` is overridden). ``validate_ids=False``
+    skips the host-side id checks (no device sync: the masked path is then CUDA-graph capturable; bad ids are
+    dropped instead of raising)."""
     chk.tensor("x", x, chk.FLOAT_DTYPES, dim=2)
     if x.shape[1] != experts.hidden:
         raise ValueError(f"x: expected [T, {experts.hidden}], got {tuple(x.shape)}")
-    _check_routing(x, weights, ids, experts.n_routed)
+    if validate_ids:
+        _check_routing(x, weights, ids, experts.n_routed)
+    else:
+        _check_routing(x[:0], weights[:0], ids[:0], experts.n_routed)     # dtypes and ranks only, no sync
+        chk.shape("ids", ids, tuple(weights.shape))
+        if weights.shape[0] != x.shape[0]:
+            raise ValueError(f"weights: expected [{x.shape[0]}, k] (one row per token of x), got {tuple(weights.shape)}")
     limit = chk.positive_float("swiglu_limit", swiglu_limit)
-    gemm = grouped_gemm or deep_gemm_grouped
     t = x.shape[0]
+    if layout is None:
+        layout = "contiguous" if (grouped_gemm is not None and masked_gemm is None) else layout_for(t, policy)
+    if layout not in ("contiguous", "masked"):
+        raise ValueError(f"layout: expected 'contiguous', 'masked' or None, got {layout!r}")
     if t == 0:
         return torch.empty_like(x)
-    align = alignment or mk_alignment()
     x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
-    groups, slot_w = slot_table(weights, ids, experts.n_routed, experts.n_shared_groups)
-    layout = plan_contiguous(groups, experts.n_groups, align)
-    a, a_sf = gather_rows(x_q, x_sf, layout)
-    gate_up = gemm(a, a_sf, experts.w13, experts.w13_sf, layout.m_indices)
-    h, h_sf = swiglu_quant(gate_up, limit, layout.m_indices)
-    out = gemm(h, h_sf, experts.w2, experts.w2_sf, layout.m_indices)
-    return combine(out, layout, slot_w, x.dtype)
+    if layout == "masked":
+        return _masked_forward(x, x_q, x_sf, weights, ids, experts, limit, masked_gemm or deep_gemm_masked, m_max,
+                               expected_m, validate_ids, LAYOUT_POLICY if policy is None else policy)
+    from ..triton.moe_masked_layout import combine_rows
+    from ..triton.swiglu_quant import swiglu_quant
+
+    gemm = grouped_gemm or deep_gemm_grouped
+    align = alignment or mk_alignment()
+    groups, _ = slot_table(weights, ids, experts.n_routed, experts.n_shared_groups)
+    lay = plan_contiguous(groups, experts.n_groups, align)
+    a, a_sf = gather_rows(x_q, x_sf, lay)
+    gate_up = gemm(a, a_sf, experts.w13, experts.w13_sf, lay.m_indices)
+    h, h_sf = swiglu_quant(gate_up, limit, lay.m_indices)
+    out = gemm(h, h_sf, experts.w2, experts.w2_sf, lay.m_indices)
+    return combine_rows(out, lay.row, weights.float().contiguous(), x.dtype)
+
+
+def _masked_forward(x, x_q, x_sf, weights, ids, experts: HopperExperts, limit: float, gemm: MaskedGemm,
+                    m_max: int | None, expected_m: int | None, validate: bool, policy: dict) -> torch.Tensor:
+    """The masked layout: plan (slot per (t, j), masked_m) -> scatter -> masked GEMM -> SwiGLU-quant on the valid
+    rows (scales MN-major) -> masked GEMM -> combine. No host sync unless ``validate`` or M_max must be measured."""
+    from ..triton import moe_masked_layout as ml
+    from ..triton.swiglu_quant import swiglu_quant
+
+    t, k = ids.shape
+    ids = ids.contiguous()
+    if m_max is None:
+        m_max = ml.default_m_max(t) if t <= policy["static_m_max_tokens"] else ml.prefill_m_max(ids, experts.n_routed)
+    lay = ml.plan_masked(ids, experts.n_routed, experts.n_shared_groups, m_max, validate=validate)
+    ex = masked_experts(experts, lay.shared_chunks)
+    if expected_m is None:
+        expected_m = policy.get("expected_m") or max(1, -(-t * k // experts.n_routed))
+    a, a_sf, rows = ml.scatter_masked(x_q.contiguous(), x_sf.contiguous(), ids, lay)
+    gate_up = gemm(a, a_sf, ex.w13, ex.w13_sf, lay.masked_m, expected_m)              # [G, M_max, 2I]
+    g_all, inter2 = gate_up.shape[0], gate_up.shape[2]
+    h, h_sf = swiglu_quant(gate_up.view(g_all * m_max, inter2), limit, rows=rows, group_rows=m_max)
+    out = gemm(h.view(g_all, m_max, inter2 // 2), h_sf, ex.w2, ex.w2_sf, lay.masked_m, expected_m)
+    return ml.combine_rows(out.view(g_all * m_max, out.shape[2]), rows, weights.float().contiguous(), x.dtype)
 
 
 # ---- the registry backend (moe_fp4's signature) ---------------------------------------------------------
