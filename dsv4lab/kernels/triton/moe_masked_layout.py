@@ -107,7 +107,8 @@ def _scatter_kernel(ids_ptr, slot_ptr, xq_ptr, xsf_ptr, a_ptr, asf_ptr, rows_ptr
 
 
 @triton.jit
-def _combine_kernel(out_ptr, rows_ptr, w_ptr, y_ptr, n_out, k, N_SLOTS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(out_ptr, rows_ptr, w_ptr, y_ptr, n_out, k, N_SLOTS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SOFT_BF16: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     inb = col < n_out
@@ -117,6 +118,10 @@ def _combine_kernel(out_ptr, rows_ptr, w_ptr, y_ptr, n_out, k, N_SLOTS: tl.const
         w = tl.load(w_ptr + t * k + j, mask=j < k, other=1.0)
         o = tl.load(out_ptr + row * n_out + col, mask=inb & (row >= 0), other=0.0).to(tl.float32)
         acc = acc + w * o
+    if SOFT_BF16:   # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the bits first
+        bits = acc.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        acc = bits.to(tl.float32, bitcast=True)
     tl.store(y_ptr + t * n_out + col, acc.to(y_ptr.dtype.element_ty), mask=inb)
 
 
@@ -261,5 +266,6 @@ def combine_rows(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, d
     block = min(1024, triton.next_power_of_2(out.shape[1]))
     _combine_kernel[(t, triton.cdiv(out.shape[1], block))](out, rows, weights, y, out.shape[1], weights.shape[1],
                                                           N_SLOTS=n_slots, BLOCK_D=block, num_warps=4,
+                                                          SOFT_BF16=_INTERPRETED and dtype == torch.bfloat16,
                                                           enable_fp_fusion=False)
     return y
