@@ -18,6 +18,10 @@ seconds is recorded as metric="skipped"):
    bandwidth), the eager reference MoE (moe_fp4) and the speedup, numerics vs the fp64 oracle (lab.numerics.compare;
    for T > 1024 on the first 512 tokens). Targets recorded, not asserted: GEMMs >= 60% of the fp8 peak at T=8192
    (Flash); decode (T <= 64) >= 50% of copy bandwidth on the touched weights.
+3b. layouts (same sweep, per T): contiguous_fp8 vs masked_fp8 end to end (bitwise vs each other and vs the launcher
+   default grouped_fp8, which follows grouped_moe.LAYOUT_POLICY: masked at T <= 64), touched-weight bandwidth
+   (TB/s, pct_of_copy_peak); T <= 64: masked_fp8_graph (CUDA-graph replay, no host sync); T in {4096, 8192}: masked
+   with expected_m = mean / 64 / 128 (masked_fp8, masked_fp8_em64, masked_fp8_em128). Summary lines "layouts ...".
 4. MegaMoE: fp8_fp4_mega_moe -> "unavailable" (SM100 only); Hopper fp8_mega_moe on a world-size-1 NCCL group
    (multicast/NVLS off): timings + numerics, or the exact error the library raises (metric "error", with stage).
 DeepGEMM JIT-compiles each new kernel configuration at first use (NVCC; --nvrtc sets DG_JIT_USE_NVRTC=1); the
@@ -250,7 +254,7 @@ def sweep_case(run: Run, state, preset: str, t: int, peaks) -> None:
         y = ours()
         sync()
         rec("moe_experts", "deep_gemm", "grouped_fp8", "first_call_s", "s", time.perf_counter() - t1,
-            note="includes DeepGEMM/Triton JIT compilation of new configurations")
+            note="includes DeepGEMM/Triton JIT compilation of new configurations", layout=gm.layout_for(t))
         tm = timing.bench(ours, warmup=3, rep=20 if t <= 1024 else 10)
         cost = roofline.cost("moe_experts", T=t, D=d, I=inter, E=state["e"], k=k, n_shared=1)
         r = tm.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="moe_experts", backend="deep_gemm",
@@ -307,6 +311,9 @@ def sweep_case(run: Run, state, preset: str, t: int, peaks) -> None:
         run.error("moe_experts", "deep_gemm", "grouped_fp8", preset, t, e)
         return
 
+    layout_case(run, state, preset, t, x, w, ids, y, peaks, row)
+    run.flush()
+
     # eager reference (moe_fp4, fp32) and numerics vs the fp64 oracle
     n_num = t if t <= 1024 else NUMERICS_TOKENS
     if run.left() < 10:
@@ -348,6 +355,95 @@ def sweep_case(run: Run, state, preset: str, t: int, peaks) -> None:
         run.error("moe_experts", "reference", "eager_moe_fp4", preset, t, e)
     finally:
         run.lines.append(_row_text(row))
+
+
+# ---- layouts: masked vs contiguous (decode path, prefill options) ---------------------------------------------
+LAYOUT_OPTION_TOKENS = (4096, 8192)      # T where every layout option is recorded (prefill)
+
+
+def layout_options(t: int, k: int, n_routed: int) -> dict[str, dict]:
+    """experts_forward keyword sets recorded at this T: both layouts always; at prefill T also the masked kernel with
+    DeepGEMM's block hint expected_m at the mean routed group, 64 and 128 (block_m 64 wastes no rows at ~192/expert)."""
+    opts = {"contiguous_fp8": dict(layout="contiguous"), "masked_fp8": dict(layout="masked")}
+    if t in LAYOUT_OPTION_TOKENS:
+        opts["masked_fp8"]["expected_m"] = max(1, -(-t * k // n_routed))
+        opts["masked_fp8_em64"] = dict(layout="masked", expected_m=64)
+        opts["masked_fp8_em128"] = dict(layout="masked", expected_m=128)
+    return opts
+
+
+def layout_case(run: Run, state, preset: str, t: int, x, w, ids, y_default, peaks, row: dict) -> None:
+    """Each layout option end to end (cuda events + L2 flush, as grouped_fp8), bitwise vs the contiguous output and
+    vs the launcher default; the touched-weight bandwidth (unique routed experts + shared groups, e4m3 weights + fp32
+    block scales of both GEMMs, in TB/s and % of measured copy bandwidth); at T <= 64 also the masked path replayed
+    as a CUDA graph (validate_ids=False: no host sync), the number a graph-captured decode step sees."""
+    from dsv4lab.kernels.deep_gemm import grouped_moe as gm
+    from dsv4lab.lab import timing
+
+    experts, common, k = state["experts"], state["common"], state["spec"]["k"]
+    n_touched = int(torch.unique(ids).numel()) + experts.n_shared_groups
+    weight_bytes = n_touched * experts.bytes_per_group()
+    rec = lambda variant, metric, unit, value, **kw: run.rec(  # noqa: E731
+        "moe_experts", "deep_gemm", variant, preset, t, "bfloat16", metric, unit, value, **common, **kw)
+
+    def bandwidth(variant, us, **kw):
+        bw = weight_bytes / (us * 1e-6)
+        pct = 100 * bw / peaks.copy_bw if peaks else None
+        decode = t <= 64
+        rec(variant, "touched_weight_bandwidth", "TB/s", bw / 1e12, pct_of_copy_peak=pct, weight_bytes=weight_bytes,
+            touched_groups=n_touched, time_us=us, target="decode (T<=64): >= 50% of measured copy bandwidth" if decode
+            else None, target_met=(pct >= 50) if (decode and pct is not None) else None, **kw)
+        return pct
+
+    outs = {}
+    for variant, kw in layout_options(t, k, experts.n_routed).items():
+        if run.left() < 8:
+            rec(variant, "skipped", None, None, reason=f"time budget: {run.left():.0f}s left")
+            continue
+        try:
+            t1 = time.perf_counter()
+            outs[variant] = gm.experts_forward(x, w, ids, experts, swiglu_limit=L, **kw)
+            sync()
+            rec(variant, "first_call_s", "s", time.perf_counter() - t1, options=str(kw))
+            tm = timing.bench(lambda: gm.experts_forward(x, w, ids, experts, swiglu_limit=L, **kw),
+                              warmup=3, rep=20 if t <= 1024 else 10)
+            rec(variant, "time", "us", tm.p50, p20=tm.p20, p80=tm.p80, timing_mode=tm.mode, options=str(kw))
+            pct = bandwidth(variant, tm.p50, options=str(kw))
+            row[f"{variant}_us"], row[f"{variant}_pct"] = tm.p50, pct
+        except Exception as e:  # noqa: BLE001
+            run.error("moe_experts", "deep_gemm", variant, preset, t, e, options=str(kw), **common)
+    base = outs.get("contiguous_fp8")
+    for variant, y in outs.items():
+        if base is not None and variant != "contiguous_fp8":
+            same = bool(torch.equal(y, base))
+            rec(variant, "bitwise_equal", "bool", same, vs="contiguous_fp8",
+                max_abs_diff=float((y.float() - base.float()).abs().max()))
+            row.setdefault("bitwise", []).append(f"{variant}:{'=' if same else '!='}")
+        if y_default is not None:
+            rec(variant, "bitwise_equal", "bool", bool(torch.equal(y, y_default)), vs=f"grouped_fp8 (default layout "
+                f"{gm.layout_for(t)})")
+    if t <= 64 and run.left() > 8 and DEVICE == "cuda":
+        try:
+            fn = lambda: gm.experts_forward(x, w, ids, experts, swiglu_limit=L, layout="masked",  # noqa: E731
+                                            validate_ids=False)
+            y_nv = fn()
+            tg = timing.bench(fn, graph=True, warmup=3, rep=30)
+            rec("masked_fp8_graph", "time", "us", tg.p50, p20=tg.p20, p80=tg.p80, timing_mode=tg.mode,
+                options="layout=masked, validate_ids=False, CUDA-graph replay")
+            row["masked_graph_us"], row["masked_graph_pct"] = tg.p50, bandwidth("masked_fp8_graph", tg.p50)
+            if "masked_fp8" in outs:
+                rec("masked_fp8_graph", "bitwise_equal", "bool", bool(torch.equal(y_nv, outs["masked_fp8"])),
+                    vs="masked_fp8 (eager, validated)")
+        except Exception as e:  # noqa: BLE001
+            run.error("moe_experts", "deep_gemm", "masked_fp8_graph", preset, t, e, **common)
+    del outs
+    run.lines.append(_layout_text(preset, t, row))
+
+
+def _layout_text(preset: str, t: int, r: dict) -> str:
+    parts = [f"{v[:-3]} {r[v]:.1f} us ({r.get(v[:-3] + '_pct') or 0:.0f}% BW)" for v in r if v.endswith("_us")
+             and (v.startswith("contiguous") or v.startswith("masked"))]
+    return f"  layouts {preset} T={t}: " + ", ".join(parts) + "  " + " ".join(r.get("bitwise", []))
 
 
 def _row_text(r: dict) -> str:
@@ -446,6 +542,8 @@ def warm_up(run: Run, state, preset: str, order: list[int], args) -> None:
             route_triton(logits, k=spec["k"], routed_scaling_factor=spec["rsf"], bias=state["bias"])
             gm.experts_forward(x, w, ids, state["experts"], swiglu_limit=L)
             gm.experts_forward(x, w, ids, routed_only(state["experts"]), swiglu_limit=L)
+            for kw in layout_options(t, spec["k"], state["e"]).values():
+                gm.experts_forward(x, w, ids, state["experts"], swiglu_limit=L, **kw)
             sync()
             run.rec("moe_experts", "deep_gemm", "grouped_fp8", preset, t, "bfloat16", "first_call_s", "s",
                     time.perf_counter() - t1, note="warm-up run: JIT compilation included", **state["common"])
@@ -479,7 +577,16 @@ def _smoke_cpu_setup(args) -> None:
     bench, host_overhead = timing.bench, timing.host_overhead     # one call each: the interpreter is slow
     timing.bench = lambda fn, **kw: bench(fn, **{**kw, "warmup": 0, "rep": 1})
     timing.host_overhead = lambda fn, n=1, **kw: host_overhead(fn, 1, **{**kw, "warmup": 0, "repeats": 1})
+    def emulated_masked(a, a_sf, b, b_sf, masked_m, expected_m):
+        out = torch.zeros(a.shape[0], a.shape[1], b.shape[1])
+        for g in range(a.shape[0]):
+            m = int(masked_m[g])
+            if m:
+                out[g, :m] = dequant_fp8(a[g, :m], a_sf[g, :m], 128) @ dequant_fp8(b[g], b_sf[g], (128, 128)).T
+        return out.bfloat16()
+
     DEVICE = "cpu"
+    gm.deep_gemm_masked = emulated_masked
     gm.deep_gemm_grouped = emulated
     gm.mk_alignment = lambda: 8
     args.presets, args.tokens, args.mega_tokens = "toy", "1,4", "1"
