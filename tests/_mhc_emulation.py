@@ -116,3 +116,94 @@ def install(setattr_) -> None:
     setattr_(tl_post, "post_kernel", lambda d, arch: Emulated(tl_post.post_func(d), emu_post))
     setattr_(tl_fused, "post_prenorm_gemm_kernel", lambda d, arch, **kw: Emulated(
         tl_fused.post_prenorm_gemm_func(d), emu_fused_gemm))
+    install_onepass(setattr_)
+
+
+# ---- the one-pass design (dsv4lab/kernels/tilelang/_mhc_onepass.py), emulated step by step ---------------------
+def split3_bf16(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 -> hi + mid + lo, each rounded to bf16 (nearest even), the residuals exact in fp32: the kernel's split."""
+    hi = w.to(torch.bfloat16)
+    r1 = w - hi.float()
+    mid = r1.to(torch.bfloat16)
+    lo = (r1 - mid.float()).to(torch.bfloat16)
+    return hi, mid, lo
+
+
+def onepass_partials(x: torch.Tensor, fn: torch.Tensor, d: int, cluster: int,
+                     chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cluster rank r: (mixes [C, T, n_mix], sum of squares [C, T]) over rank r's columns of the 4 streams,
+    as the kernel forms them: bf16 x times the three bf16 terms of fn, fp32 accumulation chunk by chunk,
+    combined as hi + (mid + lo). x: [T, 4, d] bf16."""
+    t, n, _ = x.shape
+    dc = d // cluster
+    mixes = torch.zeros(cluster, t, fn.shape[0])
+    sq = torch.zeros(cluster, t)
+    for r in range(cluster):
+        acc = torch.zeros(3, t, fn.shape[0])
+        for s in range(n):
+            for c0 in range(0, dc, chunk):
+                cols = slice(s * d + r * dc + c0, s * d + r * dc + c0 + chunk)
+                xs = x[:, s, r * dc + c0:r * dc + c0 + chunk].float()
+                for k, term in enumerate(split3_bf16(fn[:, cols])):
+                    acc[k] += xs @ term.float().T      # products of two bf16 values are exact in fp32
+                sq[r] += xs.pow(2).sum(-1)
+        mixes[r] = acc[0] + (acc[1] + acc[2])
+    return mixes, sq
+
+
+def rank_order_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in rank order, as every CTA of the cluster does with the exchanged slots."""
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def emu_onepass(mode: str, norm_dtype, rms_eps: float, hc_eps: float, post_mult: float, iters: int, cluster: int,
+                chunk: int = 128):
+    """The one-pass kernel's job with its summation structure (ranks, hi/mid/lo terms, rank-order sums, exact
+    RMS of the ROUNDED collapse from per-rank partial sums of squares); positional args as the prim_func."""
+    from dsv4lab.kernels.reference import mhc as ref
+
+    def gates_and_collapse(x, fn, scale, base, norm_weight, out, post, comb):
+        t, n, d = x.shape
+        mparts, sparts = onepass_partials(x, fn, d, cluster, chunk)
+        m, ss = rank_order_sum(mparts), rank_order_sum(sparts)
+        rho = torch.rsqrt(ss / (n * d) + rms_eps).unsqueeze(-1)
+        pre = torch.sigmoid(m[:, :n] * rho * scale[0] + base[:n]) + hc_eps
+        if mode != "head":
+            post.copy_(post_mult * torch.sigmoid(m[:, n:2 * n] * rho * scale[1] + base[n:2 * n]))
+            comb.copy_(ref.sinkhorn((m[:, 2 * n:] * rho * scale[2] + base[2 * n:]).view(t, n, n), iters, hc_eps))
+        y = (pre.unsqueeze(-1) * x.float()).sum(1).to(torch.bfloat16).float()
+        if mode == "head" or norm_dtype is None:
+            out.copy_(y.to(torch.bfloat16))
+            return
+        dc = d // cluster
+        yss = rank_order_sum(torch.stack([y[:, r * dc:(r + 1) * dc].pow(2).sum(-1) for r in range(cluster)]))
+        out.copy_((y * torch.rsqrt(yss / d + rms_eps).unsqueeze(-1) * norm_weight.float()).to(torch.bfloat16))
+
+    if mode == "pre":
+        def run(residual, fn, scale, base, norm_weight, layer_input, post, comb):
+            gates_and_collapse(residual, fn, scale, base, norm_weight, layer_input, post, comb)
+    elif mode == "head":
+        def run(residual, fn, scale, base, out):
+            gates_and_collapse(residual, fn, scale, base, None, out, None, None)
+    else:
+        def run(f, residual, post_in, comb_in, fn, scale, base, norm_weight, new_residual, layer_input, post, comb):
+            c, p, r = comb_in.float(), post_in.float(), residual.float()
+            nr = torch.stack([p[:, k, None] * f.float() + (((c[:, 0, k, None] * r[:, 0] + c[:, 1, k, None] * r[:, 1])
+                                                             + c[:, 2, k, None] * r[:, 2]) + c[:, 3, k, None] * r[:, 3])
+                              for k in range(residual.shape[1])], 1).to(torch.bfloat16)
+            new_residual.copy_(nr)
+            gates_and_collapse(nr, fn, scale, base, norm_weight, layer_input, post, comb)
+    return run
+
+
+def install_onepass(setattr_) -> None:
+    """Swap the one-pass kernel builder for ``Emulated(onepass_func(...), emu_onepass(...))``."""
+    from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
+
+    def build(mode, d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters, bt, cluster):
+        return Emulated(onepass.onepass_func(mode, d, norm_dtype, rms_eps, hc_eps, post_mult, iters, bt, cluster),
+                        emu_onepass(mode, norm_dtype, rms_eps, hc_eps, post_mult, iters, cluster))
+    setattr_(onepass, "onepass_kernel", build)

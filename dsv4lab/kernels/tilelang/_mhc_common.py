@@ -40,7 +40,58 @@ TUNING = {
     "v2_max_splits": 4,           # "auto": v2 up to this many splits (large T), else v1
 
     "fused": "post_then_pre",     # mhc_fused_post_pre: "post_then_pre" (mhc_post kernel + mhc_pre) or "v1"
+    # one-pass cluster design (_mhc_onepass): "two_pass" (the kernels above) or "one_pass" for mhc_pre,
+    # mhc_fused_post_pre and hc_head; the bench times both (variant "design:<name>") and records the default
+    # Designs of mhc_pre / mhc_fused_post_pre / hc_head ("design"):
+    #   "two_pass":   split-K prenorm GEMM over all T, then the epilogue re-reads R (18TD bytes at large T);
+    #   "one_pass":   _mhc_onepass, a cluster of CTAs holds a token tile's R in shared memory (10TD bytes, one
+    #                 launch; fn re-streamed from L2 per tile); falls back to two_pass where D does not split;
+    #   "l2_chunked": two_pass per chunk of ``l2_chunk_mb`` of residual, so the epilogue's re-read (and, in the
+    #                 fused op, the pre half's read of the new residual) hits L2: 10TD / 20TD from HBM;
+    #   "auto":       one_pass for T <= onepass_max_tokens, l2_chunked when T spans > 1 chunk, else two_pass.
+    # The bench times every design (variant "design:<name>") and records which one is the default.
+    "design": "two_pass",
+    "onepass_cluster": 8,          # CTAs per cluster (D split); 8 = the portable maximum
+    "onepass_block_tokens": 0,     # tokens per cluster; 0 = auto (32 for D <= 4096, else 16)
+    "onepass_max_tokens": 256,     # "auto": one_pass up to this T
+    "l2_chunk_mb": 16,             # l2_chunked: residual bytes per chunk (H100 L2: 50 MB, two partitions)
 }
+DESIGNS = ("two_pass", "one_pass", "l2_chunked", "auto")
+ONEPASS_CHUNK = 128    # K step of the one-pass projection: D / cluster must be a multiple of it
+
+
+def onepass_cluster(d: int) -> int | None:
+    """CTAs per cluster for hidden size ``d``: TUNING["onepass_cluster"], halved until D / cluster is a multiple of
+    ONEPASS_CHUNK; None (one_pass unavailable) below 2."""
+    c = TUNING["onepass_cluster"]
+    while c >= 2:
+        if d % (c * ONEPASS_CHUNK) == 0:
+            return c
+        c //= 2
+    return None
+
+
+def chunk_tokens(d: int) -> int:
+    """l2_chunked: tokens per chunk, a multiple of the GEMM token tile, ``l2_chunk_mb`` of residual (8 D bytes each)."""
+    tile = TUNING["gemm_block_tokens"]
+    return max(tile, int(TUNING["l2_chunk_mb"] * 2 ** 20) // (8 * d) // tile * tile)
+
+
+def design_for(tokens: int, d: int) -> str:
+    """The design the launchers use for T = ``tokens``, hidden size ``d`` (see TUNING["design"])."""
+    design = TUNING["design"]
+    if design not in DESIGNS:
+        raise ValueError(f"TUNING['design']: expected one of {DESIGNS}, got {design!r}")
+    if design == "auto":
+        if tokens <= TUNING["onepass_max_tokens"]:
+            design = "one_pass"
+        else:
+            design = "l2_chunked" if tokens > chunk_tokens(d) else "two_pass"
+    if design == "one_pass" and onepass_cluster(d) is None:
+        return "two_pass"
+    if design == "l2_chunked" and tokens <= chunk_tokens(d):
+        return "two_pass"   # one chunk: identical launches
+    return design
 
 
 # ---- input contract ---------------------------------------------------------------------------------------
@@ -108,11 +159,14 @@ def device_arch(device: torch.device | None = None) -> str:
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")
 
 
-def compile_kernel(prim_func, arch: str):
+def compile_kernel(prim_func, arch: str, pass_configs: tuple = ()):
     """``tilelang.compile`` for a CUDA target (tvm_ffi execution backend: the launch uses torch's current
-    stream, so the kernels can be captured in CUDA graphs). Outputs are allocated by the launchers."""
+    stream, so the kernels can be captured in CUDA graphs). Outputs are allocated by the launchers.
+    ``pass_configs``: (key, value) pairs (a tuple, so callers can cache on it)."""
     import tilelang
 
+    if pass_configs:
+        return tilelang.compile(prim_func, target={"kind": "cuda", "arch": arch}, pass_configs=dict(pass_configs))
     return tilelang.compile(prim_func, target={"kind": "cuda", "arch": arch})
 
 

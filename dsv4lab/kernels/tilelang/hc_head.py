@@ -4,7 +4,8 @@
     pre = sigmoid(m * scale[0] + base) + hc_eps
     out = bf16(sum_i pre_i R[i])                                              [T, D]; the caller applies norm.weight
 
-Two kernels, as for ``mhc_pre``: the split-K prenorm GEMM of ``mhc_pre`` with 4 mixes (wgmma n16: 3 bf16
+Designs as for ``mhc_pre`` (``_mhc_common.TUNING["design"]``): "one_pass" = ``_mhc_onepass`` with 4 mixes;
+"l2_chunked" = the two kernels below per chunk of tokens; "two_pass" (default): two kernels, the split-K prenorm GEMM of ``mhc_pre`` with 4 mixes (wgmma n16: 3 bf16
 terms x 4 + 4 zero columns), then ``head_epilogue_kernel`` (reduce splits, sigmoid, collapse; blocks walk the
 tokens in reverse so the first ones find the GEMM's last tiles in L2). The launcher allocates and returns
 ``out``, the functional form PR #43905 gave vLLM's ``hc_head_fused_kernel_tilelang``.
@@ -88,9 +89,24 @@ def _check(residual, fn, scale, base, rms_eps, hc_eps) -> tuple[int, int, int, f
 
 
 def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> None:
+    """hc_head in the design ``common.design_for(T, D)`` picks (see ``_mhc_common.TUNING``)."""
     t, n, d = residual.shape
     if t == 0:
         return
+    design = common.design_for(t, d)
+    if design == "one_pass":
+        from . import _mhc_onepass as onepass
+
+        onepass.kernel_for("head", d, residual.device, None, rms_eps, hc_eps)(residual, fn, scale, base, out)
+        return
+    step = common.chunk_tokens(d) if design == "l2_chunked" else t
+    for a in range(0, t, step):   # l2_chunked: the epilogue re-reads a chunk the GEMM has just left in L2
+        b = min(t, a + step)
+        _launch_two_pass(residual[a:b], fn, scale, base, out[a:b], rms_eps, hc_eps)
+
+
+def _launch_two_pass(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> None:
+    t, n, d = residual.shape
     dev = residual.device
     arch = common.device_arch(dev)
     splits = gemm_splits(t, n * d, dev)

@@ -5,7 +5,10 @@
 
 The pre half reads the ROUNDED new residual, exactly like the reference (``mhc_post`` then ``mhc_pre``).
 
-Design (``_mhc_common.TUNING["fused"]``):
+Designs (``_mhc_common.TUNING["design"]``, see ``_mhc_common``): "one_pass" = the cluster kernel of
+``_mhc_onepass`` (post on the staged slice, then pre on it; 20TD bytes, one launch); "l2_chunked" = per chunk of
+tokens the mhc_post kernel then the two-pass pre, so the pre half reads the new residual from L2 (20TD bytes);
+"two_pass" = the full-T kernels below, selected by ``TUNING["fused"]``:
 
 "post_then_pre" (default since the first H100 run): the ``mhc_post`` kernel, then ``mhc_pre`` on its output
 (three launches). The new residual is bitwise mhc_post's by construction (the v1 kernel's could differ by a bf16
@@ -31,8 +34,10 @@ import functools
 import torch
 
 from . import _mhc_common as common
+from . import mhc_post as post_module
 from .mhc_post import mhc_post
-from .mhc_pre import MAX_SPLITS, check_pre_inputs, gemm_splits, mhc_pre, padded_columns, run_pre_epilogue
+from .mhc_pre import (MAX_SPLITS, _weight_or_placeholder, check_pre_inputs, gemm_splits, mhc_pre, norm_dtype_of,
+                      padded_columns, run_pre_epilogue, run_pre_two_pass)
 
 BLOCK_D = 16        # columns of D per pipeline stage; x 4 streams = K 64 (128-byte bf16 rows of the A tile)
 STAGES = 3
@@ -145,6 +150,23 @@ def mhc_fused_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tens
     post_out = torch.empty(t, n, dtype=torch.float32, device=dev)
     comb_out = torch.empty(t, n, n, dtype=torch.float32, device=dev)
     if t == 0:
+        return new_residual, layer_input, post_out, comb_out
+    design = common.design_for(t, d)
+    if design == "one_pass":
+        from . import _mhc_onepass as onepass
+
+        kernel = onepass.kernel_for("fused", d, dev, norm_dtype_of(norm_weight), *scalars)
+        kernel(f, residual, post, comb, fn, scale, base, _weight_or_placeholder(norm_weight, d, dev), new_residual,
+               layer_input, post_out, comb_out)
+        return new_residual, layer_input, post_out, comb_out
+    if design == "l2_chunked":   # per chunk: post, then pre on the new residual the post kernel left in L2
+        step = common.chunk_tokens(d)
+        post_k = post_module.post_kernel(d, common.device_arch(dev))
+        for a in range(0, t, step):
+            b = min(t, a + step)
+            post_k(f[a:b], residual[a:b], post[a:b], comb[a:b], new_residual[a:b])
+            run_pre_two_pass(new_residual[a:b], fn, scale, base, norm_weight, scalars, layer_input[a:b],
+                             post_out[a:b], comb_out[a:b])
         return new_residual, layer_input, post_out, comb_out
     if common.TUNING["fused"] == "post_then_pre":
         new_residual = mhc_post(f, residual, post, comb)

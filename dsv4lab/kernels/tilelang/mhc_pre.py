@@ -340,7 +340,7 @@ def run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scal
     t, _, d = residual.shape
     rms_eps, hc_eps, post_mult, iters = scalars
     arch = common.device_arch(residual.device)
-    norm_dtype = None if norm_weight is None else str(norm_weight.dtype).removeprefix("torch.")
+    norm_dtype = norm_dtype_of(norm_weight)
     kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters,
                                  epilogue_design(mix_part.shape[0]))
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(residual.device.index or 0)))
@@ -383,10 +383,39 @@ def mhc_pre(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     comb = torch.empty(t, n, n, dtype=torch.float32, device=dev)
     if t == 0:
         return layer_input, post, comb
+    run_pre(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb)
+    return layer_input, post, comb
+
+
+def norm_dtype_of(norm_weight: torch.Tensor | None) -> str | None:
+    return None if norm_weight is None else str(norm_weight.dtype).removeprefix("torch.")
+
+
+def run_pre(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb) -> None:
+    """mhc_pre on checked inputs into the given outputs, in the design ``common.design_for(T, D)`` picks."""
+    t, n, d = residual.shape
+    dev = residual.device
+    design = common.design_for(t, d)
+    if design == "one_pass":
+        from . import _mhc_onepass as onepass
+
+        kernel = onepass.kernel_for("pre", d, dev, norm_dtype_of(norm_weight), *scalars)
+        kernel(residual, fn, scale, base, _weight_or_placeholder(norm_weight, d, dev), layer_input, post, comb)
+        return
+    step = common.chunk_tokens(d) if design == "l2_chunked" else t
+    for a in range(0, t, step):   # l2_chunked: the epilogue re-reads a chunk the GEMM has just left in L2
+        b = min(t, a + step)
+        run_pre_two_pass(residual[a:b], fn, scale, base, norm_weight, scalars, layer_input[a:b], post[a:b],
+                         comb[a:b])
+
+
+def run_pre_two_pass(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb) -> None:
+    """The two-pass design: split-K prenorm GEMM, then the epilogue."""
+    t, n, d = residual.shape
+    dev = residual.device
     splits = gemm_splits(t, n * d, dev)
     mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
     gemm_kernel(n * d, fn.shape[0], dev)(residual.view(t, n * d), fn, mix_part, sq_part)
     run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb)
-    return layer_input, post, comb
 
