@@ -103,10 +103,11 @@ def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 64, 1024, 4096, 1638
                         args = exp.make_inputs(op, T, D, device="cuda")
                         block, _, warps = mtp_norm.launch_config(D)
                         batch = exp.timing_records(op, exp.variants(op)["after"], args, preset=preset, D=D,
-                                                   n=exp.HC_MULT, variant=f"after[vpt={vpt}]", peaks=peaks,
+                                                   n=exp.HC_MULT, variant="after", peaks=peaks,
                                                    rep=100 if T <= 1024 else 20, modes=("graph",))
                         for r in batch:
-                            r.update(tuning={"values_per_thread": vpt, "num_warps": warps, "block": block})
+                            r.update(variant=f"after[vpt={vpt}]",
+                                     tuning={"values_per_thread": vpt, "num_warps": warps, "block": block})
                         recs += batch
     finally:
         mtp_norm.TUNING.update(default)

@@ -5,10 +5,15 @@ re-uses these checks) gets a ValueError/TypeError before any work is done.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
+# Range checks of index tensors on a GPU read two scalars back (one device sync, ~10-30 us). They run by default;
+# DSV4LAB_GPU_RANGE_CHECKS=0 turns them off on the GPU (CPU tensors are always checked). They never run while a
+# CUDA graph is being captured or torch.compile traces, where a sync is impossible.
+GPU_RANGE_CHECKS = os.environ.get("DSV4LAB_GPU_RANGE_CHECKS", "1") != "0"
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -47,3 +52,15 @@ def positive_float(name: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise ValueError(f"{name}: expected a positive float, got {v!r}")
     return float(v)
+
+
+def index_range(name: str, x: torch.Tensor, lo: int, hi: int, what: str = "values") -> None:
+    """ValueError unless every entry of integer tensor ``x`` lies in ``[lo, hi)`` (see GPU_RANGE_CHECKS)."""
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if x.device.type == "cuda":
+        if not GPU_RANGE_CHECKS or torch.cuda.is_current_stream_capturing():
+            return
+    mn, mx = (int(v) for v in torch.aminmax(x))
+    if mn < lo or mx >= hi:
+        raise ValueError(f"{name}: expected {what} in [{lo}, {hi - 1}], got range [{mn}, {mx}]")

@@ -41,9 +41,9 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Tens
 
 
 def check_inv_rope_args(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> int:
-    """Input contract shared by every backend; returns rope_dim. The range of positions is checked on CPU
-    only, and not while Dynamo traces (on a GPU it would cost a device sync per call; under torch.compile it
-    is data-dependent Python that breaks the graph)."""
+    """Input contract shared by every backend; returns rope_dim. The range of positions is checked by
+    ``_checks.index_range`` (on a GPU one device sync, skipped during CUDA-graph capture, under torch.compile --
+    where it would be data-dependent Python that breaks the graph -- and with DSV4LAB_GPU_RANGE_CHECKS=0)."""
     chk.tensor("o", o, chk.FLOAT_DTYPES, dim=3)
     t, h, d = o.shape
     if d % QUANT_BLOCK:
@@ -60,10 +60,7 @@ def check_inv_rope_args(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache:
     if not cos_sin_cache.is_contiguous():
         raise ValueError("cos_sin_cache: expected a contiguous tensor")
     chk.same_device(o=o, positions=positions, cos_sin_cache=cos_sin_cache)
-    if t and positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            raise ValueError(f"positions: expected values in [0, {cos_sin_cache.shape[0]}), got [{lo}, {hi}]")
+    chk.index_range("positions", positions, 0, cos_sin_cache.shape[0], "rows of cos_sin_cache")
     return rope_dim
 
 

@@ -23,6 +23,15 @@ import triton
 from triton import knobs
 
 
+def hooks_active() -> bool:
+    """Whether Triton's launch hooks would do anything. Triton 3.6 keeps them as a ``HookChain`` that is never
+    None (empty ``calls`` when nothing is attached); older versions use None."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and (not hasattr(hook, "calls") or hook.calls):
+            return True
+    return False
+
+
 def _arg_key(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
@@ -40,8 +49,7 @@ class CachedLauncher:
         self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __call__(self, grid: tuple[int, int, int], device: torch.device, args: tuple, num_warps: int) -> None:
-        if (self.interpret or knobs.runtime.launch_enter_hook is not None
-                or knobs.runtime.launch_exit_hook is not None):
+        if self.interpret or hooks_active():
             self.jit_fn[grid](*args, num_warps=num_warps)
             return
         if device.index != torch._C._cuda_getDevice():

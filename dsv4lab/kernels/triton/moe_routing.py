@@ -125,11 +125,8 @@ def check_route_args(logits: torch.Tensor, k: int, routed_scaling_factor: float,
             raise ValueError(f"tid2eid: expected a contiguous last axis, got strides {tuple(tid2eid.stride())}")
         chk.tensor("input_ids", input_ids, chk.INT_DTYPES, dim=1)
         chk.shape("input_ids", input_ids, (t,))
-        if input_ids.device.type == "cpu":
-            if t and (int(input_ids.min()) < 0 or int(input_ids.max()) >= tid2eid.shape[0]):
-                raise ValueError(f"input_ids: expected token ids in [0, {tid2eid.shape[0]})")
-            if tid2eid.numel() and (int(tid2eid.min()) < 0 or int(tid2eid.max()) >= e):
-                raise ValueError(f"tid2eid: expected expert ids in [0, {e})")
+        chk.index_range("input_ids", input_ids, 0, tid2eid.shape[0], "token ids (rows of tid2eid)")
+        chk.index_range("tid2eid", tid2eid, 0, e, "expert ids")
     chk.same_device(logits=logits, bias=bias, tid2eid=tid2eid, input_ids=input_ids)
     return rsf
 
