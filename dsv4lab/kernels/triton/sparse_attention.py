@@ -24,6 +24,7 @@ the GPU path free of a device sync).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,16 +35,50 @@ from ..reference._attn_checks import ANY_FLOAT, check_tensor
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
 _LOG2E = 1.4426950408889634
-_TARGET_PROGRAMS = 264          # ~2 waves of the H100's 132 SMs; below this decode splits the index lists
-_MIN_SPLIT_ENTRIES = 128        # a split's fp32 partial [BLOCK_H, d] should not outweigh the K rows it read
+_H100_SMS = 132                 # SM count used when no CUDA device is visible (CPU interpreter, AOT builds)
+_MIN_SPLIT_ENTRIES = 64         # a split reads >= 64 K rows: its fp32 partial [BLOCK_H, d] stays <= 4x those rows
+_DECODE_MAX_TOKENS = 256        # launches with at most this many query tokens use CONFIGS[DEFAULTS["decode"]]
+_TRIM_BLOCK = 256               # index entries scanned per step when looking for a list's last valid entry
+
+# Candidate launch configs (name -> knobs), each timed on the H100 by bench/attention_kernels.py (prefill T=8192,
+# decode shapes). Static sm_90a facts from `python bench/sparse_attention_aot.py` (no GPU needed): all fit in the
+# 227 KiB of shared memory without register spills, except h64n64w8s2 (160 B of spills unsplit). The K-row gather is
+# an async copy whose prefetch depth is set by block_n x num_stages: depth 1 (the gather of chunk i+1 is only issued at
+# the end of iteration i and waited for at the top of i+1: nothing overlaps it) for h64n32w8s2 / h64n64w8s2, depth 2
+# for h64n32w8s5 (q 64 KiB + 3 x 32 KiB of K), depth 3 for h64n16w8s7. block_h = 64 runs both dots as wgmma (M = 64
+# = all Flash heads of a token, so each K row is gathered once per token); block_h 32/16 fall back to mma.sync and
+# re-read a token's rows once per head tile (adjacent programs, so mostly from L2).
+CONFIGS: dict[str, dict] = {
+    "h64n32w8s5": dict(block_h=64, block_n=32, num_warps=8, num_stages=5),
+    "h64n16w8s7": dict(block_h=64, block_n=16, num_warps=8, num_stages=7),
+    "h64n32w8s2": dict(block_h=64, block_n=32, num_warps=8, num_stages=2),     # the previous default
+    "h64n64w8s2": dict(block_h=64, block_n=64, num_warps=8, num_stages=2),     # the previous best at T=8192 (30 %)
+    "h32n32w8s6": dict(block_h=32, block_n=32, num_warps=8, num_stages=6),
+    "h16n32w4s6": dict(block_h=16, block_n=32, num_warps=4, num_stages=6),
+}
+# The launcher defaults: one CONFIGS name per regime (decode = at most _DECODE_MAX_TOKENS query tokens). Set these
+# from the H100 sweep records (variant prefill-sweep-* / decode-sweep-*, field `config`).
+DEFAULTS = {"prefill": "h64n32w8s5", "decode": "h64n32w8s5"}
 
 
 @triton.jit
-def _attend_chunks(q, kv_ptr, idx_row_ptr, n_rows, stride_kv, start, length, end, m, l, acc, scale_log2e,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Online softmax over index entries [start, min(start + length, end)) of one token; returns (m, l, acc)."""
+def _valid_end(idx_row_ptr, n_rows, start, stop, TRIM_BLOCK: tl.constexpr, CONST_LEN: tl.constexpr):
+    """1 + the position of the last valid entry of the list in [start, stop), or ``start`` if there is none."""
+    end = start
+    for u0 in range(0, CONST_LEN if CONST_LEN > 0 else stop - start, TRIM_BLOCK):
+        offs = start + u0 + tl.arange(0, TRIM_BLOCK)
+        rows = tl.load(idx_row_ptr + offs, mask=offs < stop, other=-1)
+        ok = (rows >= 0) & (rows < n_rows)
+        end = tl.maximum(end, tl.max(tl.where(ok, offs + 1, 0), axis=0))
+    return end
+
+
+@triton.jit
+def _attend_chunks(q, kv_ptr, idx_row_ptr, n_rows, stride_kv, start, end, m, l, acc, scale_log2e,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, CONST_LEN: tl.constexpr):
+    """Online softmax over index entries [start, end) of one token, in chunks of BLOCK_N; returns (m, l, acc)."""
     dims = tl.arange(0, HEAD_DIM)
-    for u0 in range(0, length, BLOCK_N):
+    for u0 in range(0, CONST_LEN if CONST_LEN > 0 else end - start, BLOCK_N):
         offs = start + u0 + tl.arange(0, BLOCK_N)
         rows = tl.load(idx_row_ptr + offs, mask=offs < end, other=-1).to(tl.int64)
         valid = (rows >= 0) & (rows < n_rows)
@@ -64,15 +99,26 @@ def _attend_chunks(q, kv_ptr, idx_row_ptr, n_rows, stride_kv, start, length, end
 
 @triton.jit
 def _sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, part_acc_ptr, part_ml_ptr,
-                        n_heads, n_rows, n_cand, split_len, n_splits,
+                        n_heads, n_head_blocks, n_rows, n_cand, split_len, n_splits,
                         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, scale_log2e,
                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, CONST_SPLIT_LEN: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    split = tl.program_id(2)
+                        SPLIT: tl.constexpr, TRIM: tl.constexpr, DOT_FP32: tl.constexpr,
+                        CONST_SPLIT_LEN: tl.constexpr, TRIM_BLOCK: tl.constexpr):
+    # head tiles of one token are adjacent program ids, so they run together and share its K rows through L2
+    pid = tl.program_id(0)
+    token = (pid // n_head_blocks).to(tl.int64)
+    heads = (pid % n_head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
     h_ok = heads < n_heads
     dims = tl.arange(0, HEAD_DIM)
+    idx_row = idx_ptr + token * stride_it
+    start = split * split_len
+    stop = tl.minimum(start + split_len, n_cand)
+    # CONST_SPLIT_LEN > 0 (interpreter only): loops run over the whole split with masks, as a runtime loop bound
+    # fails there with numpy >= 2.4 (1-element arrays); the result is the same, entries past `end` being invalid.
+    end = stop
+    if TRIM:                    # skip the trailing -1 run (causal padding of the compressed part of early tokens)
+        end = _valid_end(idx_row, n_rows, start, stop, TRIM_BLOCK, CONST_SPLIT_LEN)
     q = tl.load(q_ptr + token * stride_qt + heads[:, None].to(tl.int64) * stride_qh + dims[None, :],
                 mask=h_ok[:, None], other=0.0)
     if DOT_FP32:
@@ -81,13 +127,8 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, part_acc_ptr, p
     m = sink                                                    # running max starts at the sink logit
     l = tl.zeros([BLOCK_H], dtype=tl.float32)                   # sum of exp2(s - m) over candidates only
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    idx_row = idx_ptr + token * stride_it
-    if CONST_SPLIT_LEN > 0:     # interpreter: a runtime loop bound fails there with numpy >= 2.4 (1-element scalars)
-        m, l, acc = _attend_chunks(q, kv_ptr, idx_row, n_rows, stride_kv, split * CONST_SPLIT_LEN, CONST_SPLIT_LEN,
-                                   n_cand, m, l, acc, scale_log2e, HEAD_DIM, BLOCK_N, DOT_FP32)
-    else:
-        m, l, acc = _attend_chunks(q, kv_ptr, idx_row, n_rows, stride_kv, split * split_len, split_len,
-                                   n_cand, m, l, acc, scale_log2e, HEAD_DIM, BLOCK_N, DOT_FP32)
+    m, l, acc = _attend_chunks(q, kv_ptr, idx_row, n_rows, stride_kv, start, end, m, l, acc,
+                               scale_log2e, HEAD_DIM, BLOCK_N, DOT_FP32, CONST_SPLIT_LEN)
     if SPLIT:
         part = (token * n_heads + heads.to(tl.int64)) * n_splits + split          # [BLOCK_H]
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=h_ok[:, None])
@@ -103,10 +144,12 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, o_ptr, part_acc_ptr, p
 
 @triton.jit
 def _combine_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, o_ptr, n_heads, n_splits, stride_ot, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Merge the splits of one token x head tile: o = sum_s 2^(m_s-M) acc_s / (sum_s 2^(m_s-M) l_s + 2^(sink-M))."""
+                    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """Merge the splits of one token x head tile x dim tile:
+    o = sum_s 2^(m_s-M) acc_s / (sum_s 2^(m_s-M) l_s + 2^(sink-M)), M = max(max_s m_s, sink)."""
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     h_ok = heads < n_heads
     sp = tl.arange(0, SPLITS_P2)
     part = (token * n_heads + heads.to(tl.int64))[:, None] * n_splits + sp[None, :]     # [BLOCK_H, SPLITS_P2]
@@ -118,8 +161,7 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, o_ptr, n_heads, n_split
     big_safe = tl.where(big == float("-inf"), 0.0, big)
     w_s = tl.exp2(m_s - big_safe[:, None])                                              # 0 for absent splits
     denom = tl.sum(w_s * l_s, axis=1) + tl.exp2(sink - big_safe)
-    dims = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     for s in range(0, SPLITS_P2):          # constexpr bound (absent splits have weight 0 and are not loaded)
         w = tl.sum(tl.where(sp[None, :] == s, w_s, 0.0), axis=1)
         row = (token * n_heads + heads.to(tl.int64)) * n_splits + s
@@ -150,36 +192,74 @@ def _check_args(q, kv, idx, sink, scale) -> None:
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
 
 
-def default_config(T: int, H: int, M: int, d: int) -> dict:
-    """Heuristic launch config: head tile, list chunk, warps and splits (decode splits when programs are few)."""
-    block_h = max(16, min(64, triton.next_power_of_2(H)))
-    block_n = 32 if d >= 256 else 64
-    programs = T * triton.cdiv(H, block_h)
-    splits = 1
-    if programs < _TARGET_PROGRAMS and M > _MIN_SPLIT_ENTRIES:
-        splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(M, _MIN_SPLIT_ENTRIES)))
-    return {"block_h": block_h, "block_n": block_n, "num_splits": splits,
-            "num_warps": 8 if block_h * d >= 64 * 256 else 4, "num_stages": 2}
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return _H100_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(programs: int, M: int, block_n: int, sms: int = _H100_SMS) -> int:
+    """Number of pieces each index list is cut into (flash-decoding), from a wave model of a 1-program-per-SM kernel:
+    time ~ ceil(programs * s / sms) / s; the smallest s reaching the minimum wins (fewer fp32 partials to merge).
+    Each piece keeps >= max(_MIN_SPLIT_ENTRIES, block_n) entries."""
+    max_splits = max(1, min(64, M // max(_MIN_SPLIT_ENTRIES, block_n)))
+    best, best_cost = 1, float("inf")
+    for s in range(1, max_splits + 1):
+        cost = triton.cdiv(programs * s, sms) / s
+        if cost < best_cost * (1 - 1e-9):
+            best, best_cost = s, cost
+    return best
+
+
+def default_config(T: int, H: int, M: int, d: int, sms: int = _H100_SMS) -> dict:
+    """Launch config: CONFIGS[DEFAULTS[regime]] (regime "decode" for T <= _DECODE_MAX_TOKENS), the head tile capped
+    at the padded head count, and the split count from ``choose_splits``."""
+    return resolve_config(T, H, M, d, sms)
+
+
+def resolve_config(T: int, H: int, M: int, d: int, sms: int = _H100_SMS, *, block_h: int | None = None,
+                   block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None, trim: bool | None = None) -> dict:
+    """The config a launch with these knobs runs (None = the regime's default), splits included."""
+    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_splits", num_splits),
+                 ("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{k}: expected a positive int, got {v!r}")
+    for k, v in (("block_h", block_h), ("block_n", block_n)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{k}: expected a power of two >= 16 (tl.dot tile), got {v}")
+    if trim is not None and not isinstance(trim, bool):
+        raise TypeError(f"trim: expected a bool, got {type(trim).__name__}")
+    cfg = dict(CONFIGS[DEFAULTS["decode" if T <= _DECODE_MAX_TOKENS else "prefill"]], trim=True)
+    cfg["block_h"] = min(cfg["block_h"], max(16, triton.next_power_of_2(H)))
+    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
+                 ("trim", trim)):
+        if v is not None:
+            cfg[k] = v
+    cfg["num_splits"] = num_splits or choose_splits(T * triton.cdiv(H, cfg["block_h"]), M, cfg["block_n"], sms)
+    return cfg
 
 
 def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                             scale: float, *, block_h: int | None = None, block_n: int | None = None,
                             num_splits: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None) -> torch.Tensor:
-    """``sparse_attention_with_sink`` with explicit launch knobs (None = ``default_config``)."""
+                            num_stages: int | None = None, trim: bool | None = None) -> torch.Tensor:
+    """``sparse_attention_with_sink`` with explicit launch knobs (None = ``resolve_config``'s default).
+
+    ``num_splits`` > 1 cuts each index list into that many contiguous pieces (whole ``block_n`` chunks; pieces past
+    the list end are dropped) merged by a combine kernel; ``trim`` stops each piece after its last valid entry."""
     _check_args(q, kv, idx, sink, scale)
     T, H, d = q.shape
     M = idx.shape[1]
+    cfg = resolve_config(T, H, M, d, _sm_count(q.device.index if q.device.type == "cuda" else None),
+                         block_h=block_h, block_n=block_n, num_splits=num_splits, num_warps=num_warps,
+                         num_stages=num_stages, trim=trim)
     out = torch.empty(T, H, d, dtype=torch.bfloat16, device=q.device)
     if T == 0 or H == 0:
         return out
-    cfg = default_config(T, H, M, d)
-    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_splits", num_splits),
-                 ("num_warps", num_warps), ("num_stages", num_stages)):
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{k}: expected a positive int, got {v!r}")
-            cfg[k] = v
+    if M == 0:                  # no candidate anywhere: every output row is 0 (sink only, zero value vector)
+        return out.zero_()
     if _INTERPRETED:
         cfg["num_stages"] = 1
     if q.stride(-1) != 1:
@@ -187,28 +267,28 @@ def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     sink = sink.contiguous()
-    splits = max(1, min(cfg["num_splits"], max(1, triton.cdiv(M, cfg["block_n"]))))
-    split_len = triton.cdiv(max(M, 1), splits)
-    split_len = triton.cdiv(split_len, cfg["block_n"]) * cfg["block_n"]      # whole chunks per split
-    splits = max(1, triton.cdiv(max(M, 1), split_len))
+    block_n = cfg["block_n"]
+    splits = max(1, min(cfg["num_splits"], triton.cdiv(M, block_n)))
+    split_len = triton.cdiv(triton.cdiv(M, splits), block_n) * block_n      # whole chunks per split
+    splits = triton.cdiv(M, split_len)
     head_blocks = triton.cdiv(H, cfg["block_h"])
     if splits > 1:
         part_acc = torch.empty(T * H * splits * d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(T * H * splits * 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out       # unused
-    scale_log2e = float(scale) * _LOG2E
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    _sparse_attn_kernel[(T, head_blocks, splits)](
-        q, kv, idx, sink, out, part_acc, part_ml, H, kv.shape[0], M, split_len, splits,
-        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), scale_log2e,
-        HEAD_DIM=d, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"], SPLIT=splits > 1, DOT_FP32=_INTERPRETED,
-        CONST_SPLIT_LEN=split_len if _INTERPRETED else 0, **launch)
+    _sparse_attn_kernel[(T * head_blocks, splits)](
+        q, kv, idx, sink, out, part_acc, part_ml, H, head_blocks, kv.shape[0], M, split_len, splits,
+        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), float(scale) * _LOG2E,
+        HEAD_DIM=d, BLOCK_H=cfg["block_h"], BLOCK_N=block_n, SPLIT=splits > 1, TRIM=cfg["trim"],
+        DOT_FP32=_INTERPRETED, CONST_SPLIT_LEN=split_len if _INTERPRETED else 0,
+        TRIM_BLOCK=min(_TRIM_BLOCK, triton.next_power_of_2(split_len)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
-        _combine_kernel[(T, head_blocks)](
+        block_d = min(128, d)
+        _combine_kernel[(T, triton.cdiv(H, 16), d // block_d)](
             part_acc, part_ml, sink, out, H, splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_H=cfg["block_h"], SPLITS_P2=triton.next_power_of_2(splits),
-            num_warps=cfg["num_warps"])
+            HEAD_DIM=d, BLOCK_H=16, BLOCK_D=block_d, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
