@@ -4,7 +4,7 @@
     python bench/pr43905_mhc_direct.py --out $OUT          # records -> $OUT/pr43905_mhc_direct.jsonl
 
 Steps; every case is recorded as it finishes, a failing case becomes an "error" record (with the message) and the
-run goes on; a time budget (``--budget``, default 140 s from the start) turns what is left into "unavailable":
+run goes on; a time budget (``--budget``, default 150 s from the start) turns what is left into "unavailable":
 0. Warm-up, in parallel subprocesses (``--warm-job``): every TileLang kernel for Flash (D=4096) and Pro (D=7168),
    tile_kernels' mHC kernels and torch.compile of the references; then the main process loads them (disk-cache
    hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing. Then each op
@@ -13,6 +13,12 @@ run goes on; a time budget (``--budget``, default 140 s from the start) turns wh
 1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
    epilogue). A failure here names the broken kernel.
+1b. Issue #6 designs (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked): each
+   new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled in the warm-up and smoke-tested in its own
+   subprocess (a crash disables that design only), then numerics (T in {1, 70, 1000, 4096}) and eager vs graph
+   bitwise, then timed against each other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay
+   for T <= 256) BEFORE the long sweeps; records variant "design:<name>" with fields design / resolved_design /
+   default_design, one "best_design" record per (preset, op, T), and a "design comparison" table printed last.
 2. Numerics per preset, op, T in {1, 3, 64, 1000, 4096}: lab.numerics.compare(oracle fp64, eager = fp32 reference
    on the GPU, fused = TileLang), err_ratio bar 2; mixes (post, comb) relative to the fp32 reference (target 1e-5);
    T = 0; determinism; eager vs CUDA-graph replay bitwise. tile_kernels too, against the oracle of ITS semantics.
@@ -31,6 +37,7 @@ post+pre (peer = its post then its pre), and its head pads fn to 24 rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -50,13 +57,18 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192, 16384]
 TORCH_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 TK_TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]   # tile_kernels may JIT per shape: fewer T
 GRAPH_MAX_T = 256
-VARIANT_KERNELS = ("pre_epi_v1", "head_epi_v1", "gemm24_bt128", "gemm4_bt128")
-# design sweep (step 4b): TUNING overrides, each timed per op at a few T, plus each kernel of the default alone
-VARIANTS = {"default": {}, "epilogue_v1": {"epilogue": "v1"}, "epilogue_v2": {"epilogue": "v2"},
-            "fused_v1": {"fused": "v1"}, "splits64": {"max_splits": 64},
-            "first_run": {"epilogue": "v1", "fused": "v1", "tokens_per_block_max": 8},
-            "gemm_bt128": {"gemm_block_tokens": 128}, "tpb32": {"tokens_per_block_max": 32}}
-VARIANT_TOKENS = [1, 4096, 16384]
+VARIANT_KERNELS = ("onepass_pre", "onepass_fused", "onepass_head")
+# design comparison (step 1b/4b, issue #6): the launcher designs of _mhc_common.TUNING["design"], each smoke-tested
+# in its own subprocess, checked for numerics and timed per op (mhc_post has one design); plus two tuning variants
+DESIGN_OPS = ("mhc_pre", "mhc_fused_post_pre", "hc_head")
+NEW_DESIGNS = ("one_pass", "l2_chunked")
+VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass"},
+            "l2_chunked": {"design": "l2_chunked"}, "auto": {"design": "auto"},
+            "one_pass_bt16": {"design": "one_pass", "onepass_block_tokens": 16},
+            "l2_chunked_32mb": {"design": "l2_chunked", "l2_chunk_mb": 32}}
+VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
+STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
+DESIGN_NUMERICS_TOKENS = [1, 70, 1000, 4096]
 NUMERICS_TOKENS = [1, 3, 64, 1000, 4096]
 MIX_REL_TARGET = 1e-5
 TL_CACHE = "/tmp/dsv4lab_tilelang_cache"
@@ -141,10 +153,31 @@ def strict_fp32() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+@contextlib.contextmanager
+def tuning(**over):
+    """Temporarily override ``_mhc_common.TUNING`` (the launchers read it at every call)."""
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+
+    saved = dict(common.TUNING)
+    common.TUNING.update(over)
+    try:
+        yield common.TUNING
+    finally:
+        common.TUNING.clear()
+        common.TUNING.update(saved)
+
+
+def default_design() -> str:
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+
+    return common.TUNING["design"]
+
+
 # ---- warm-up jobs (each in its own process; results land in the on-disk caches) -------------------------
 def warm_jobs() -> list[str]:
     jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")
             + VARIANT_KERNELS]
+    jobs += [f"tl:flash:{k}_bt16" for k in VARIANT_KERNELS]   # VARIANTS["one_pass_bt16"] (Pro's default is 16)
     return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
 
 
@@ -152,9 +185,13 @@ def tl_kernel(preset: str, kind: str):
     """Build (compile or load from cache) one TileLang kernel; returns the compiled kernel."""
     from dsv4lab.config import get_config
     from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
     from dsv4lab.kernels.tilelang import hc_head, mhc_fused_post_pre, mhc_post, mhc_pre
 
     d, arch = get_config(preset).hidden_size, common.device_arch()
+    if kind.endswith("_bt16"):
+        with tuning(onepass_block_tokens=16):
+            return tl_kernel(preset, kind.removesuffix("_bt16"))
     return {"gemm24": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch),
             "gemm4": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 4, arch),
             "fused": lambda: mhc_fused_post_pre.post_prenorm_gemm_kernel(d, arch),
@@ -164,8 +201,10 @@ def tl_kernel(preset: str, kind: str):
             "pre_epi_v1": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS,
                                                               "v1"),
             "head_epi_v1": lambda: hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, "v1"),
-            "gemm24_bt128": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch, block_tokens=128),
-            "gemm4_bt128": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 4, arch, block_tokens=128)}[kind]()
+            "onepass_pre": lambda: onepass.kernel_for("pre", d, None, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS),
+            "onepass_fused": lambda: onepass.kernel_for("fused", d, None, "bfloat16", RMS_EPS, HC_EPS, POST_MULT,
+                                                        ITERS),
+            "onepass_head": lambda: onepass.kernel_for("head", d, None, None, RMS_EPS, HC_EPS)}[kind]()
 
 
 def run_warm_job(job: str) -> dict[str, Any]:
@@ -185,6 +224,10 @@ def run_warm_job(job: str) -> dict[str, Any]:
         torch.cuda.synchronize()
     elif kind == "smoke":   # run one op's kernels in a throw-away process: a crash or hang cannot poison ours
         op, worst, dev = rest[0], {}, "cuda" if torch.cuda.is_available() else "cpu"
+        if len(rest) > 2:   # smoke:<op>:<presets>:<design>
+            from dsv4lab.kernels.tilelang import _mhc_common as common
+
+            common.TUNING["design"] = rest[2]
         for p in rest[1].split(","):
             for t in (1, 3, 70, 1000, 4096):   # 4096: several tokens per epilogue block
                 c = make_case(p, t, dev, seed=t)
@@ -361,6 +404,9 @@ class Runner:
         self.t_start, self.budget = time.perf_counter(), budget
         self.summary: list[str] = []
         self.times: dict[tuple, float] = {}
+        self.design_times: dict[tuple, float] = {}   # (preset, op, T, variant name) -> p50 us
+        self.default_design = default_design()         # the launchers' TUNING["design"] at the start
+        self.design_lines: list[str] = []               # design_summary's table, printed last
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.t_start)
@@ -447,7 +493,7 @@ def stage_diagnostics(R: Runner, preset: str, t: int) -> list[dict]:
 
 
 def numerics_case(R: Runner, preset: str, op: str, t: int, impl: Callable, backend: str, norm: bool = True,
-                  semantics: str = "dsv4") -> list[dict]:
+                  semantics: str = "dsv4", design: str | None = None) -> list[dict]:
     """compare(oracle, eager reference, fused) for every output of ``op``; mixes also vs the fp32 reference."""
     import torch
 
@@ -461,24 +507,32 @@ def numerics_case(R: Runner, preset: str, op: str, t: int, impl: Callable, backe
     elif op == "mhc_post":
         oracle, names, got, eager = (oracle_post64(c["f"], c["residual"], c["post"], c["comb"]),), ("residual",), (got,), (eager,)
     elif op == "mhc_fused_post_pre":
-        nr = eager[0]   # the pre half's oracle reads the rounded new residual (the contract)
+        # the pre half reads the ROUNDED new residual (the contract): its oracle and its eager reference are taken
+        # on the kernel's own new residual, which may differ from the reference's by a bf16 ulp (post summation
+        # order) -- enough to move the mixes by ~1e-4 on its own. The new residual is checked separately.
+        nr = got[0]
         oracle = (oracle_post64(c["f"], c["residual"], c["post"], c["comb"]),
                   *oracle_pre64(nr, c["fn"], c["scale"], c["base"], w))
+        eager = (eager[0], *reference_call(None, "mhc_pre", dict(c, residual=nr), norm=norm))
         names = ("new_residual", "layer_input", "post", "comb")
     else:
         oracle, names, got, eager = (oracle_head64(c["residual"], c["head_fn"], c["head_scale"], c["head_base"]),), ("out",), (got,), (eager,)
     recs, fields = [], dict(experiment=EXPERIMENT, op=op, backend=backend, preset=preset, tokens=t,
-                            semantics=semantics, norm_weight=norm)
+                            semantics=semantics, norm_weight=norm,
+                            pre_half_input="own new residual" if op == "mhc_fused_post_pre" else None,
+                            design=design or (default_design() if backend.startswith("tilelang") else None))
     for name, o, e, f in zip(names, oracle, eager, got):
         if f.shape != e.shape or f.dtype != e.dtype:
             raise AssertionError(f"{name}: got {tuple(f.shape)} {f.dtype}, expected {tuple(e.shape)} {e.dtype}")
         cmp = numerics.compare(o, e, f)
         recs += cmp.to_records(variant=name, **fields)
-        line = f"num {backend:<12} {op:<19} {name:<12} {preset:<5} T={t:<5} {cmp.summary()[:110]}"
+        line = f"num {backend:<12} {fields['design'] or '':<10} {op:<19} {name:<12} {preset:<5} T={t:<5} " \
+               f"{cmp.summary()[:100]}"
         if f.dtype == torch.float32:
             mrel = float((f - e).abs().max() / e.abs().max().clamp_min(1e-30)) if f.numel() else 0.0
             recs.append(R.rec(op, backend, name, preset, t, "mix_rel_err_vs_fp32_ref", "1", mrel, dtype="float32",
-                              target=MIX_REL_TARGET, passed=mrel <= MIX_REL_TARGET, semantics=semantics))
+                              target=MIX_REL_TARGET, passed=mrel <= MIX_REL_TARGET, semantics=semantics,
+                              design=fields["design"]))
             line += f" | vs fp32 ref {mrel:.1e}"
         R.summary.append(line)
     return recs
@@ -503,9 +557,10 @@ def graph_and_determinism(R: Runner, preset: str, op: str, t: int) -> list[dict]
     torch.cuda.synchronize()
     det = all(torch.equal(x, y) for x, y in zip(a, b))
     gr = all(torch.equal(x, y) for x, y in zip(a, static))
-    R.summary.append(f"bitwise {op:<19} {preset:<5} T={t:<5} eager==eager {det}  eager==graph {gr}")
-    return [R.rec(op, "tilelang", "eager_vs_eager", preset, t, "bitwise_equal", "bool", det),
-            R.rec(op, "tilelang", "eager_vs_graph", preset, t, "bitwise_equal", "bool", gr)]
+    design = default_design()
+    R.summary.append(f"bitwise {op:<19} {design:<10} {preset:<5} T={t:<5} eager==eager {det}  eager==graph {gr}")
+    return [R.rec(op, "tilelang", "eager_vs_eager", preset, t, "bitwise_equal", "bool", det, design=design),
+            R.rec(op, "tilelang", "eager_vs_graph", preset, t, "bitwise_equal", "bool", gr, design=design)]
 
 
 def empty_tokens(R: Runner, preset: str) -> list[dict]:
@@ -539,16 +594,77 @@ def time_case(R: Runner, preset: str, op: str, t: int, backend: str, fn: Callabl
     return [rec]
 
 
-def design_sweep(R: Runner, preset: str, t: int, peaks, available: dict) -> list[dict]:
-    """Step 4b: (1) each kernel of the default design alone (where the op's time goes), (2) every op under each
-    TUNING variant of VARIANTS (variant name in ``variant``; graph replay at T = 1, CUDA events otherwise)."""
+def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None, tk_ok=None) -> list[dict]:
+    """Step 1b (issue #6): (1) at STAGE_TOKENS each kernel of the two-pass design alone (where its time goes);
+    (2) mhc_pre / mhc_fused_post_pre / hc_head under every TUNING variant of VARIANTS (variant "design:<name>";
+    CUDA-graph replay for T <= GRAPH_MAX_T, CUDA events with L2 flush above). A variant that resolves to a
+    configuration already timed at this (preset, op, T) -- e.g. l2_chunked with T within one chunk -- gets a
+    "same_as" record instead of a second timing. ``design_ok[(op, design)]``: its subprocess smoke passed.
+    tile_kernels (``tk``) is timed in the same way at the same T, so each design's ratio to it is like for like."""
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
+
+    c, recs = make_case(preset, t, R.dev, seed=t), []
+    d, graph = c["residual"].shape[2], t <= GRAPH_MAX_T and R.dev == "cuda"
+    if tk is not None:
+        for op in DESIGN_OPS:
+            if (tk_ok or {}).get(op):
+                try:
+                    rec = time_case(R, preset, op, t, "tile_kernels", lambda: tk.call(op, c), peaks, graph,
+                                    keep=False, norm_weight=op == "hc_head")[0]
+                    rec["variant"] = "design:tile_kernels"
+                    recs.append(rec)
+                    R.design_times[(preset, op, t, "tile_kernels")] = rec["value"]
+                except Exception as e:
+                    recs.append(R.rec(op, "tile_kernels", "design:tile_kernels", preset, t, "error", None, None,
+                                      message=f"{type(e).__name__}: {str(e)[:400]}"))
+    if t in STAGE_TOKENS and R.dev == "cuda":
+        with tuning(design="two_pass"):
+            recs += _stage_times(R, preset, t, c, peaks, t == 1)
+    timed: dict[tuple, str] = {}
+    for vname, over in VARIANTS.items():
+        with tuning(**over):
+            resolved = common.design_for(t, d)
+            key = (resolved, onepass.block_tokens(d) if resolved == "one_pass" else None,
+                   common.chunk_tokens(d) if resolved == "l2_chunked" else None)
+            for op in DESIGN_OPS:
+                base_rec = dict(design=vname, resolved_design=resolved, default_design=R.default_design,
+                                tuning=dict(common.TUNING))
+                if resolved != "two_pass" and not design_ok.get((op, resolved), False):
+                    recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "unavailable", None, None,
+                                      reason=f"{resolved} failed its subprocess smoke test", **base_rec))
+                    continue
+                if (op, key) in timed:
+                    recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "same_as", None,
+                                      timed[(op, key)], **base_rec))
+                    continue
+                try:
+                    rec = time_case(R, preset, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, graph,
+                                    keep=False)[0]
+                    rec.update(variant=f"design:{vname}", **base_rec)
+                    recs.append(rec)
+                    timed[(op, key)] = vname
+                    R.design_times[(preset, op, t, vname)] = rec["value"]
+                    R.summary.append(f"design {vname:<15} {op:<19} {preset:<5} T={t:<6} {rec['value']:9.1f} us "
+                                     f"{(rec.get('pct_of_peak') or 0):5.1f}% ({rec['variant']}, {resolved}, "
+                                     f"{'graph' if graph else 'events'})")
+                except Exception as e:
+                    recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "error", None, None,
+                                      message=f"{type(e).__name__}: {str(e)[:400]}", **base_rec))
+                    print(f"  ERROR design {vname} {op} {preset} T={t}: {type(e).__name__}: {str(e)[:200]}")
+    del c
+    return recs
+
+
+def _stage_times(R: Runner, preset: str, t: int, c: dict, peaks, graph: bool) -> list[dict]:
+    """Each kernel of the two-pass design alone (stage_time records)."""
     import torch
 
     from dsv4lab.kernels.tilelang import _mhc_common as common
     from dsv4lab.kernels.tilelang import hc_head, mhc_post, mhc_pre
 
-    c, recs = make_case(preset, t, "cuda", seed=t), []
-    r, d, dev, graph = c["residual"], c["residual"].shape[2], torch.device("cuda"), t == 1
+    recs = []
+    r, d, dev = c["residual"], c["residual"].shape[2], torch.device("cuda")
     arch = common.device_arch()
     tpb = common.tokens_per_block(t, common.sm_count(0))
     for n_mix, fn, name in ((24, c["fn"], "prenorm_gemm24"), (4, c["head_fn"], "prenorm_gemm4")):
@@ -576,35 +692,51 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, available: dict) -> list
         for k in ("pct_of_peak", "bytes", "flops", "intensity", "bound", "gb_per_s", "peak"):
             rec.pop(k, None)   # the op's roofline bytes do not describe one kernel of it
         R.summary.append(f"stage time {rec['stage']:<16} {preset:<5} T={t:<6} {rec['value']:9.1f} us")
-    saved = dict(common.TUNING)
-    try:
-        for vname, over in VARIANTS.items():
-            common.TUNING.update(over)
-            for op in OPS:
-                if not available[op] or (op == "mhc_post") or (vname == "fused_v1" and op != "mhc_fused_post_pre"):
+    return recs
+
+
+def design_summary(R: Runner, presets, tokens) -> list[dict]:
+    """Per (preset, op, T): the fastest design of the sweep, its speedup over two_pass and its ratio to
+    tile_kernels (timed alike); printed as a table with a per-op recommendation for small (T <= 256, graph
+    replay) and large (T >= 1024) T. Records: metric "best_design" (value = variant name)."""
+    names = list(VARIANTS)
+    recs, lines = [], [f"\ndesign comparison (us, p50; graph replay for T <= {GRAPH_MAX_T}; launcher default: "
+                        f"{R.default_design!r})",
+                        f"{'preset':<6} {'op':<19} {'T':>6} " + " ".join(f"{n[:15]:>15}" for n in names)
+                        + f" {'tile_kernels':>12} {'best':>15} {'x two_pass':>10} {'x tk':>6}"]
+    votes: dict[tuple, dict] = {}
+    for p in presets:
+        for op in DESIGN_OPS:
+            for t in tokens:
+                got = {n: R.design_times.get((p, op, t, n)) for n in names}
+                timed = {n: v for n, v in got.items() if v}
+                if not timed:
                     continue
-                try:
-                    rec = time_case(R, preset, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, graph,
-                                    keep=False)[0]
-                    rec["variant"], rec["design"], rec["tuning"] = f"design:{vname}", vname, dict(common.TUNING)
-                    recs.append(rec)
-                    R.summary.append(f"design {vname:<12} {op:<19} {preset:<5} T={t:<6} {rec['value']:9.1f} us "
-                                     f"{(rec.get('pct_of_peak') or 0):5.1f}%")
-                except Exception as e:
-                    recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "error", None, None,
-                                      message=f"{type(e).__name__}: {str(e)[:400]}", design=vname))
-            common.TUNING.clear()
-            common.TUNING.update(saved)
-    finally:
-        common.TUNING.clear()
-        common.TUNING.update(saved)
+                best = min(timed, key=timed.get)
+                tkt = R.design_times.get((p, op, t, "tile_kernels"))
+                two = got.get("two_pass")
+                f = lambda x: f"{x:.1f}" if x else "-"   # noqa: E731
+                lines.append(f"{p:<6} {op:<19} {t:>6} " + " ".join(f"{f(got[n]):>15}" for n in names)
+                             + f" {f(tkt):>12} {best:>15} {(f'{two / timed[best]:.2f}' if two else '-'):>10} "
+                             f"{(f'{tkt / timed[best]:.2f}' if tkt else '-'):>6}")
+                recs.append(R.rec(op, "tilelang", "design:best", p, t, "best_design", None, best,
+                                  best_us=timed[best], times_us=timed, tile_kernels_us=tkt,
+                                  speedup_vs_two_pass=(two / timed[best]) if two else None,
+                                  speedup_vs_tile_kernels=(tkt / timed[best]) if tkt else None,
+                                  default_design=R.default_design))
+                band = "T<=256" if t <= GRAPH_MAX_T else "T>=1024"
+                votes.setdefault((op, band), {}).setdefault(best, 0)
+                votes[(op, band)][best] += 1
+    for (op, band), v in sorted(votes.items()):
+        lines.append(f"recommendation {op:<19} {band:<8}: best design per (preset, T) counts {v}")
+    R.design_lines = lines
     return recs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for pr43905_mhc_direct.jsonl (and peaks.jsonl)")
-    ap.add_argument("--budget", type=float, default=140.0, help="seconds from the start; the rest is skipped")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds from the start; the rest is skipped")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the timing T list")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--warm-job", default=None, help=argparse.SUPPRESS)
@@ -645,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_tokens = [1] if dry else TORCH_TOKENS
     tk_tokens = TK_TOKENS
     numerics_tokens = [1, 3] if dry else NUMERICS_TOKENS
+    design_numerics_tokens = [1, 70] if dry else DESIGN_NUMERICS_TOKENS
+    variant_tokens = [1, 70] if dry else VARIANT_TOKENS
 
     # ---- 0. peaks, warm-up, kernel loads ---------------------------------------------------------------
     peaks = None
@@ -657,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             R.save([R.rec("-", "-", "peaks", None, None, "error", None, None, message=f"{type(e).__name__}: {e}")])
     available = {op: True for op in OPS}
+    design_ok = {(op, d): True for op in DESIGN_OPS for d in NEW_DESIGNS}   # one_pass / l2_chunked per op
     if not dry:
         if not args.no_warm:
             jobs = [j for j in warm_jobs() if not j.startswith("tl:") or j.split(":")[1] in args.presets]
@@ -674,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         needs = {"mhc_pre": ("gemm24", "pre_epi"), "mhc_post": ("post",), "mhc_fused_post_pre": ("fused", "pre_epi"),
                  "hc_head": ("gemm4", "head_epi")}
         for p in args.presets:
-            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post"):
+            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post") + VARIANT_KERNELS:
                 t0 = time.perf_counter()
                 try:
                     tl_kernel(p, kind)
@@ -686,23 +821,37 @@ def main(argv: list[str] | None = None) -> int:
                     for op, ks in needs.items():
                         if kind in ks:
                             available[op] = False
+                    if kind in VARIANT_KERNELS:   # onepass_pre -> mhc_pre, ...
+                        op = {"pre": "mhc_pre", "fused": "mhc_fused_post_pre", "head": "hc_head"}[kind.split("_")[1]]
+                        design_ok[(op, "one_pass")] = False
         # each op once in its own process first (T up to 4096): an illegal access or a hang there marks
         # the op unavailable instead of killing this process's CUDA context (and every later measurement)
         smoke_jobs = [f"smoke:{op}:{','.join(args.presets)}" for op in OPS if available[op]]
+        # the new designs too, each op in its own process (a cluster launch that faults or hangs stays there)
+        smoke_jobs += [f"smoke:{op}:{','.join(args.presets)}:{d}" for (op, d), ok in design_ok.items()
+                       if ok and available[op]]
         try:
             smoke = launch_warm_jobs(smoke_jobs, timeout=min(60.0, max(10.0, R.left() - 60)))
         except Exception as e:
             smoke = {j: {"error": f"could not launch: {type(e).__name__}: {e}"} for j in smoke_jobs}
         for j, w in smoke.items():
-            op = j.split(":")[1]
+            op, design = j.split(":")[1], (j.split(":")[3:] or [R.default_design])[0]
             errs = w.get("max_rel_err", {})
             R.save([R.rec(op, "tilelang", "smoke_subprocess", None, None, "smoke_max_rel_err" if "error" not in w
                           else "error", "1" if "error" not in w else None,
-                          max(errs.values()) if errs else None, per_output=errs, message=w.get("error"))])
-            print(f"  smoke {op}: " + (f"max rel err per output {errs}" if "error" not in w else f"FAILED {w['error']}"))
-            if "error" in w or any(v != v or v == float("inf") for v in errs.values()):
+                          max(errs.values()) if errs else None, per_output=errs, message=w.get("error"),
+                          design=design)])
+            print(f"  smoke {op} [{design}]: " + (f"max rel err per output {errs}" if "error" not in w
+                                                 else f"FAILED {w['error']}"))
+            bad = "error" in w or any(v != v or v == float("inf") for v in errs.values())
+            if bad and len(j.split(":")) > 3:
+                design_ok[(op, design)] = False
+            elif bad:
                 available[op] = False
-        print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}")
+        for (op, d) in design_ok:
+            design_ok[(op, d)] = design_ok[(op, d)] and available[op]
+        print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}; "
+              f"new designs usable: {design_ok}")
     tk, tk_error = None, None
     try:
         tk = TileKernelsPeer() if not dry else None
@@ -748,6 +897,33 @@ def main(argv: list[str] | None = None) -> int:
                     R.guarded(f"graph/determinism {op} {p} T={t}", lambda op=op, t=t, p=p: graph_and_determinism(
                         R, p, op, t), op=op, preset=p, tokens=t, min_left=50)
 
+    # ---- 2b. numerics of the new designs (issue #6), each op where its subprocess smoke passed ----------------
+    for p in args.presets:
+        for (op, design), ok in design_ok.items():
+            if not ok:
+                R.save([R.rec(op, "tilelang", f"design:{design}", p, None, "unavailable", None, None, design=design,
+                              reason="failed to compile/load or its subprocess smoke test")])
+                continue
+            for t in design_numerics_tokens:
+                def case(op=op, t=t, p=p, design=design):
+                    with tuning(design=design):
+                        return numerics_case(R, p, op, t, impl_tl, "tilelang" if not dry else "tilelang(emulated)",
+                                             design=design)
+                R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=50)
+            for t in (() if dry else (1, 1000)):
+                def bitwise(op=op, t=t, p=p, design=design):
+                    with tuning(design=design):
+                        return graph_and_determinism(R, p, op, t)
+                R.guarded(f"graph/determinism {op} [{design}] {p} T={t}", bitwise, op=op, preset=p, tokens=t,
+                          min_left=50)
+
+    # ---- 2c. the designs timed against each other (and tile_kernels), before the long sweeps -------------------
+    for t in variant_tokens:
+        for p in args.presets:
+            R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, design_ok, tk,
+                                                                              tk_ok), preset=p, tokens=t, min_left=20)
+    R.save(design_summary(R, args.presets, variant_tokens))
+
     # ---- 3. the refactor on the GPU (before the long timing sweep) -----------------------------------------
     R.guarded("refactor run", lambda: refactor.run("cpu" if dry else "cuda", quick=True, preset="flash"),
               op="refactor", backend="mixed", min_left=30)
@@ -781,12 +957,6 @@ def main(argv: list[str] | None = None) -> int:
                             norm_weight=op == "hc_head"), op=op, backend="tile_kernels", preset=p, tokens=t,
                             min_left=5)
             del c
-    # pass A2: where the time goes (each kernel alone) and the design variants (VARIANTS), both presets
-    if not dry:
-        for t in VARIANT_TOKENS:
-            for p in args.presets:
-                R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, available),
-                          preset=p, tokens=t, min_left=15)
     # pass B: torch eager reference; pass C: torch.compile(dynamic=True) of it (compiles first: warm-up cached it)
     compiled: dict[str, Any] = {}
     for backend in ("torch",) + (() if dry else ("torch.compile",)):
@@ -836,6 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p:<6} {op:<19} {t:>6} {f(tl):>12} {f(pc):>6} {f(tkt):>10} "
                       f"{(f'{tkt / tl:.2f}' if tl and tkt else '-'):>6} {f(g('tilelang', 'graph')):>9} "
                       f"{f(g('torch')):>9} {f(g('torch.compile')):>10}")
+    print("\n".join(R.design_lines))
     errors = [r for r in recs if r.get("metric") == "error"]
     print(f"\n{len(recs)} records, {len(errors)} errors, {time.perf_counter() - R.t_start:.0f} s total -> {R.path}")
     return 0

@@ -238,4 +238,4 @@ def test_onepass_kernels_compile_with_cluster_exchange(mode: str, norm, bt: int)
     assert "mma_sync<tl::DataType::kBFloat16" in body and "cp_async" in body
     assert "expf" in body and "__expf" not in body
     if mode == "fused":
-        assert "new_residual[" in body
+        assert "new_residual +" in body or "new_residual[" in body   # written from the CTA (16-byte stores)

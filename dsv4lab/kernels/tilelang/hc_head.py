@@ -5,8 +5,8 @@
     out = bf16(sum_i pre_i R[i])                                              [T, D]; the caller applies norm.weight
 
 Designs as for ``mhc_pre`` (``_mhc_common.TUNING["design"]``): "one_pass" = ``_mhc_onepass`` with 4 mixes;
-"l2_chunked" = the two kernels below per chunk of tokens; "two_pass" (default): two kernels, the split-K prenorm GEMM of ``mhc_pre`` with 4 mixes (wgmma n16: 3 bf16
-terms x 4 + 4 zero columns), then ``head_epilogue_kernel`` (reduce splits, sigmoid, collapse; blocks walk the
+"l2_chunked" = the two kernels below per chunk of tokens; "two_pass" (default): two kernels, the split-K
+prenorm GEMM of ``mhc_pre`` with 4 mixes (wgmma n16: 3 bf16 terms x 4 + 4 zero columns), then ``head_epilogue_kernel`` (reduce splits, sigmoid, collapse; blocks walk the
 tokens in reverse so the first ones find the GEMM's last tiles in L2). The launcher allocates and returns
 ``out``, the functional form PR #43905 gave vLLM's ``hc_head_fused_kernel_tilelang``.
 """

@@ -39,6 +39,14 @@ T; hc_head (the same structure, 4 mixes) measured 447 us at Flash T = 16384, ~90
 what pre can reach if its epilogue and 24-mix GEMM stream as well (the bench's design sweep times each kernel
 alone to show which one does not). Small T has many splits: there the launcher keeps v1 (``epilogue_design``).
 
+Designs (``_mhc_common.TUNING["design"]``, issue #6): "two_pass" (default, the kernels above over all T);
+"l2_chunked" (the same two kernels per chunk of ``l2_chunk_mb`` of residual, so the epilogue's re-read hits L2:
+10TD bytes from HBM, at the cost of 2 launches per chunk); "one_pass" (``_mhc_onepass``: a cluster of 8 CTAs
+stages a token tile's residual in shared memory and exchanges partial mixes through distributed shared memory;
+one launch, 10TD bytes, but fn is re-streamed from L2 per tile: 48/BT x the residual bytes); "auto". Why not
+only one_pass: fn is 48 tokens' worth of residual bytes, and shared memory holds ~32 (Flash) / ~16 (Pro) tokens
+per cluster, so at large T the L2 traffic for fn outweighs the saved HBM read (see ``_mhc_onepass``).
+
 Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
 dimensions, so one compile per (D, norm flavour) serves every T.
 """
