@@ -31,7 +31,7 @@ import functools
 from . import _mhc_common as common
 
 CHUNK = common.ONEPASS_CHUNK   # K elements per projection step (fn chunk [n_mix, 128] fp32: 12 KB for pre)
-STAGES = 3          # fn chunks in flight: at T = 1 the fn stream (1/C of 1.5-2.75 MB per CTA) is latency-bound
+STAGES = 4          # fn chunks in flight: at T = 1 the fn stream (1/C of 1.5-2.75 MB per CTA) is latency-bound
 POST_COLS = 64      # fused: columns of the new residual formed per step in registers
 GEMM_MIN_M = 32     # mma tile rows: 4 warps over N = 80 need M >= 32 (rows >= BT are zero)
 THREADS = 128       # one warpgroup

@@ -99,10 +99,25 @@ def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> No
 
         onepass.kernel_for("head", d, residual.device, None, rms_eps, hc_eps)(residual, fn, scale, base, out)
         return
-    step = common.chunk_tokens(d) if design == "l2_chunked" else t
-    for a in range(0, t, step):   # l2_chunked: the epilogue re-reads a chunk the GEMM has just left in L2
+    if design != "l2_chunked":
+        _launch_two_pass(residual, fn, scale, base, out, rms_eps, hc_eps)
+        return
+    # l2_chunked: per chunk the GEMM, then the epilogue re-reading what the GEMM just left in L2 (host work per
+    # chunk: slicing and two launches; see mhc_pre.run_pre_chunks)
+    dev, step = residual.device, common.chunk_tokens(d)
+    arch, sms = common.device_arch(dev), common.sm_count(dev.index or 0)
+    gemm, x, plans = gemm_kernel(n * d, n, dev), residual.view(t, n * d), {}
+    for a in range(0, t, step):
         b = min(t, a + step)
-        _launch_two_pass(residual[a:b], fn, scale, base, out[a:b], rms_eps, hc_eps)
+        if b - a not in plans:
+            splits = gemm_splits(b - a, n * d, dev)
+            plans[b - a] = (torch.empty(splits, b - a, n, dtype=torch.float32, device=dev),
+                            torch.empty(splits, b - a, dtype=torch.float32, device=dev),
+                            head_epilogue_kernel(d, arch, rms_eps, hc_eps, epilogue_design(splits)),
+                            min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(b - a, sms)))
+        mix_part, sq_part, epilogue, tpb = plans[b - a]
+        gemm(x[a:b], fn, mix_part, sq_part)
+        epilogue(mix_part, sq_part, residual[a:b], scale, base, out[a:b], tpb)
 
 
 def _launch_two_pass(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> None:

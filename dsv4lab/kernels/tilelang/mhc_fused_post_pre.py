@@ -37,7 +37,7 @@ from . import _mhc_common as common
 from . import mhc_post as post_module
 from .mhc_post import mhc_post
 from .mhc_pre import (MAX_SPLITS, _weight_or_placeholder, check_pre_inputs, gemm_splits, mhc_pre, norm_dtype_of,
-                      padded_columns, run_pre_epilogue, run_pre_two_pass)
+                      padded_columns, run_pre_chunks, run_pre_epilogue)
 
 BLOCK_D = 16        # columns of D per pipeline stage; x 4 streams = K 64 (128-byte bf16 rows of the A tile)
 STAGES = 3
@@ -160,13 +160,12 @@ def mhc_fused_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tens
                layer_input, post_out, comb_out)
         return new_residual, layer_input, post_out, comb_out
     if design == "l2_chunked":   # per chunk: post, then pre on the new residual the post kernel left in L2
-        step = common.chunk_tokens(d)
         post_k = post_module.post_kernel(d, common.device_arch(dev))
-        for a in range(0, t, step):
-            b = min(t, a + step)
+
+        def post_chunk(a: int, b: int) -> None:
             post_k(f[a:b], residual[a:b], post[a:b], comb[a:b], new_residual[a:b])
-            run_pre_two_pass(new_residual[a:b], fn, scale, base, norm_weight, scalars, layer_input[a:b],
-                             post_out[a:b], comb_out[a:b])
+        run_pre_chunks(new_residual, fn, scale, base, norm_weight, scalars, layer_input, post_out, comb_out,
+                       common.chunk_tokens(d), before_chunk=post_chunk)
         return new_residual, layer_input, post_out, comb_out
     if common.TUNING["fused"] == "post_then_pre":
         new_residual = mhc_post(f, residual, post, comb)

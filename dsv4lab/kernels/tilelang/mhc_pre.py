@@ -410,11 +410,42 @@ def run_pre(residual, fn, scale, base, norm_weight, scalars, layer_input, post, 
         kernel = onepass.kernel_for("pre", d, dev, norm_dtype_of(norm_weight), *scalars)
         kernel(residual, fn, scale, base, _weight_or_placeholder(norm_weight, d, dev), layer_input, post, comb)
         return
-    step = common.chunk_tokens(d) if design == "l2_chunked" else t
-    for a in range(0, t, step):   # l2_chunked: the epilogue re-reads a chunk the GEMM has just left in L2
+    if design == "l2_chunked":
+        run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb,
+                       common.chunk_tokens(d))
+    else:
+        run_pre_two_pass(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb)
+
+
+def run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb, step: int,
+                   before_chunk=None) -> None:
+    """The l2_chunked design: the two-pass kernels per chunk of ``step`` tokens, so the epilogue re-reads a chunk
+    the GEMM has just left in L2. ``before_chunk(a, b)`` runs first for each chunk (the fused op's post kernel).
+    Host work per chunk is kept to slicing and two launches (kernels, split counts and partial buffers are set
+    up once per chunk length): a chunk is ~10-25 us of GPU work, comparable to a launch from Python."""
+    t, n, d = residual.shape
+    dev, n_mix = residual.device, fn.shape[0]
+    rms_eps, hc_eps, post_mult, iters = scalars
+    gemm = gemm_kernel(n * d, n_mix, dev)
+    weight = _weight_or_placeholder(norm_weight, d, dev)
+    x = residual.view(t, n * d)
+    arch, sms = common.device_arch(dev), common.sm_count(dev.index or 0)
+    plans: dict[int, tuple] = {}
+    for a in range(0, t, step):
         b = min(t, a + step)
-        run_pre_two_pass(residual[a:b], fn, scale, base, norm_weight, scalars, layer_input[a:b], post[a:b],
-                         comb[a:b])
+        if b - a not in plans:
+            length = b - a
+            splits = gemm_splits(length, n * d, dev)
+            epilogue = pre_epilogue_kernel(d, arch, norm_dtype_of(norm_weight), rms_eps, hc_eps, post_mult, iters,
+                                           epilogue_design(splits))
+            plans[length] = (torch.empty(splits, length, n_mix, dtype=torch.float32, device=dev),
+                             torch.empty(splits, length, dtype=torch.float32, device=dev), epilogue,
+                             min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(length, sms)))
+        mix_part, sq_part, epilogue, tpb = plans[b - a]
+        if before_chunk is not None:
+            before_chunk(a, b)
+        gemm(x[a:b], fn, mix_part, sq_part)
+        epilogue(mix_part, sq_part, residual[a:b], scale, base, weight, layer_input[a:b], post[a:b], comb[a:b], tpb)
 
 
 def run_pre_two_pass(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb) -> None:
