@@ -40,13 +40,14 @@ CONFIGS: list[dict] = [dict(block_rows=br, num_warps=nw) for br, nw in
 
 
 @triton.jit
-def _indexer_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, q8_ptr, w_out_ptr, n_rows, n_heads, weight_scale,
-                      HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+def _indexer_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, q8_ptr, w_out_ptr, n_rows, weight_scale,
+                      N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                       AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
     NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)     # row = token * n_I + head
-    ok = rows < n_rows
-    token = rows // n_heads
+    rows32 = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)      # row = token * n_I + head (< 2^31)
+    ok = rows32 < n_rows
+    token = rows32 // N_HEADS                                 # constexpr divisor: a shift for n_I = 64
+    rows = rows32.to(tl.int64)
     offs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     x = tl.load(q_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     pair = tl.arange(0, HEAD_DIM // 2)
@@ -88,11 +89,13 @@ def launch(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: torch
     q8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
     w_out = torch.empty(T, n_heads, dtype=torch.float32, device=q.device)
     n_rows = T * n_heads
+    if n_rows >= 2 ** 31 - cfg["block_rows"]:
+        raise ValueError(f"q: expected fewer than 2^31 head rows (T * n_I), got {n_rows}")
     if n_rows == 0:
         return q8, w_out
     _indexer_q_kernel[(triton.cdiv(n_rows, cfg["block_rows"]),)](
-        q, cos, sin, weights, q8, w_out, n_rows, n_heads, head_dim ** -0.5 * n_heads ** -0.5,
-        HEAD_DIM=head_dim, ROPE_DIM=2 * cos.shape[1], BLOCK_ROWS=cfg["block_rows"], AMAX_FLOOR=FP8_AMAX_FLOOR,
+        q, cos, sin, weights, q8, w_out, n_rows, head_dim ** -0.5 * n_heads ** -0.5,
+        N_HEADS=n_heads, HEAD_DIM=head_dim, ROPE_DIM=2 * cos.shape[1], BLOCK_ROWS=cfg["block_rows"], AMAX_FLOOR=FP8_AMAX_FLOOR,
         SOFT_ROUND=_INTERPRETED, num_warps=cfg["num_warps"], enable_fp_fusion=False)
     return q8, w_out
 
