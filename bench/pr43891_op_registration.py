@@ -230,7 +230,7 @@ def _sweep_records(R, preset: str, t: int, peaks, device: str) -> list[dict]:
     return recs
 
 
-QUANT_CONFIGS = [(2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8)]   # (tile_elements, num_warps)
+QUANT_CONFIGS = [(1024, 2), (2048, 2), (2048, 4), (4096, 2), (4096, 4), (4096, 8), (8192, 4)]   # (tile_elements, num_warps)
 
 
 def _quant_tuning_records(R, peaks) -> list[dict]:
@@ -258,6 +258,16 @@ def _quant_tuning_records(R, peaks) -> list[dict]:
             del o
     best = max(worst, key=worst.get)
     K.TUNING.update(tile_elements=best[0], num_warps=best[1])
+    # the same best config with a read-only L2 flush: how much of the gap is write-back of the memset flush's lines
+    for preset in ("flash", "pro"):
+        cfg, o, pos, cs, *_ = _inputs(preset, 4096, "cuda")
+        cost = roofline.cost("inv_rope_fp8_quant", T=4096, H=cfg.num_attention_heads, d=cfg.head_dim)
+        tm = timing.bench(lambda: K.inv_rope_fp8_quant(o, pos, cs), graph=True, rep=50, flush_kind="read")
+        recs.append(tm.to_record(cost=cost, peaks=peaks, experiment=R.EXPERIMENT, op="inv_rope_fp8_quant",
+                                 backend="triton", variant=f"tile{best[0]}-w{best[1]}-readflush", preset=preset,
+                                 tokens=4096, dtype="bfloat16", tuning=dict(K.TUNING), flush_kind="read"))
+        print(f"inv_rope quant {preset} T=4096 with a read-only L2 flush: {tm.p50:.1f} us "
+              f"({recs[-1].get('pct_of_peak') or 0:.1f} % of copy BW)")
     recs.append(R._rec(op="inv_rope_fp8_quant", backend="triton", variant="tuning_chosen", preset=None, tokens=None,
                        dtype="bfloat16", metric="tuning_chosen", unit=None, value=f"tile{best[0]}-w{best[1]}",
                        previous_default=default, worst_pct_by_config={f"tile{k[0]}-w{k[1]}": v

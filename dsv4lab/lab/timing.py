@@ -110,7 +110,17 @@ def _cpu_clock(fn: Callable[[], Any], warmup: int, rep: int) -> list[float]:
     return times
 
 
-def _cuda_events(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tensor | None) -> list[float]:
+def _flush_l2(flush: torch.Tensor, kind: str) -> None:
+    # "write": memset (triton.testing.do_bench does the same); leaves up to an L2's worth of dirty lines whose
+    # write-back can land inside the next timed kernel. "read": a reduction over the buffer; leaves clean lines.
+    if kind == "write":
+        flush.zero_()
+    else:
+        flush.view(torch.float32).sum()
+
+
+def _cuda_events(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tensor | None,
+                 flush_kind: str = "write") -> list[float]:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -118,7 +128,7 @@ def _cuda_events(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tens
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for s, e in zip(starts, ends):
         if flush is not None:
-            flush.zero_()
+            _flush_l2(flush, flush_kind)
         s.record()
         fn()
         e.record()
@@ -126,7 +136,8 @@ def _cuda_events(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tens
     return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
 
 
-def _cuda_graph(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tensor | None) -> list[float]:
+def _cuda_graph(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tensor | None,
+                flush_kind: str = "write") -> list[float]:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as capture will run on one
@@ -143,7 +154,7 @@ def _cuda_graph(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tenso
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for s, e in zip(starts, ends):
         if flush is not None:
-            flush.zero_()
+            _flush_l2(flush, flush_kind)
         s.record()
         graph.replay()
         e.record()
@@ -154,12 +165,15 @@ def _cuda_graph(fn: Callable[[], Any], warmup: int, rep: int, flush: torch.Tenso
 
 
 def bench(fn: Callable[[], Any], *, graph: bool = False, flush_l2: bool = True, warmup: int = 5, rep: int = 30,
-          device: str | torch.device | None = None) -> Timing:
+          device: str | torch.device | None = None, flush_kind: str = "write") -> Timing:
     """Time ``fn()`` (no arguments; bind inputs with a closure or functools.partial). See the module docstring.
+    ``flush_kind``: how the L2 is flushed, "write" (memset, the default) or "read" (a reduction: clean lines).
 
     ``device`` defaults to CUDA when available, else CPU ('cpu-clock'). ``graph=True`` needs CUDA.
     """
     _check_args(fn, warmup, rep)
+    if flush_kind not in ("write", "read"):
+        raise ValueError(f"flush_kind: expected 'write' or 'read', got {flush_kind!r}")
     dev = resolve_device(device)
     if dev.type == "cpu":
         if graph:
@@ -169,9 +183,9 @@ def bench(fn: Callable[[], Any], *, graph: bool = False, flush_l2: bool = True, 
         with torch.cuda.device(dev):
             flush = _flush_buffer(dev) if flush_l2 else None
             if graph:
-                times, mode = _cuda_graph(fn, warmup, rep, flush), "cuda-graph"
+                times, mode = _cuda_graph(fn, warmup, rep, flush, flush_kind), "cuda-graph"
             else:
-                times, mode = _cuda_events(fn, warmup, rep, flush), "cuda-events"
+                times, mode = _cuda_events(fn, warmup, rep, flush, flush_kind), "cuda-events"
         flushed = flush_l2
     p20, p50, p80 = percentiles(times)
     return Timing(p20=p20, p50=p50, p80=p80, mode=mode, rep=rep, warmup=warmup, flush_l2=flushed,

@@ -33,11 +33,14 @@ def hooks_active() -> bool:
 
 
 def _arg_key(a: Any) -> Any:
+    kind = type(a)
+    if kind is float:
+        return float   # runtime fp32 argument: no specialisation on its value
+    if kind is int or kind is bool:
+        return (kind, a)
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, float):
-        return float   # runtime fp32 argument: no specialisation on its value
-    return (type(a), a)
+    return (kind, a)
 
 
 class CachedLauncher:

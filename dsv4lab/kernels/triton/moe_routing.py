@@ -88,6 +88,10 @@ def _route_kernel(logits_ptr, bias_ptr, tid2eid_ptr, input_ids_ptr, weights_ptr,
     weights = tl.sum(tl.where(match, scores[None, :], 0.0), axis=1)
     total = tl.maximum(tl.sum(weights, axis=0), DENOM_FLOOR)
     weights = tl.div_rn(weights, total) * routed_scaling_factor
+    # a NaN logit must not vanish: the GPU's max/argmax skip NaN (fmax semantics), so the chosen weights could
+    # come out finite; the reference (torch.topk) propagates it, so the row's weights become NaN here too
+    row_nan = tl.max(((logits != logits) & in_range).to(tl.int32), axis=0) > 0
+    weights = tl.where(row_nan, float("nan"), weights)
 
     out = token * K + slot
     tl.store(weights_ptr + out, weights, mask=slot_valid)
