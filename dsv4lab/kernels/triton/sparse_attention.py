@@ -7,13 +7,19 @@ Same contract as ``dsv4lab.kernels.reference.attention.sparse_attention_with_sin
     o[t,h] = sum_u p_u kv[idx[t,u]]                             (bf16; a row with no candidate gives 0)
 
 Design. All heads of a token read the same K rows (MQA), so one program owns a token and a tile of BLOCK_H heads
-and walks the token's index list in chunks of BLOCK_N entries: gather the K rows [BLOCK_N, d] once, scores =
-q_tile [BLOCK_H, d] @ K^T on the tensor cores, online softmax (running max starts at the sink logit, so it is never
--inf while the sink is finite), acc += p @ K. The sink enters the normaliser at the end:
-``o = acc / (l + exp(sink - m))``. Work is in the log2 domain (exp2 of logits pre-multiplied by log2 e).
+(by default all 64 Flash heads: M = 64 for wgmma, each K row gathered once per token) and walks the token's index
+list in chunks of BLOCK_N entries: gather the K rows [BLOCK_N, d] (async copies, issued 2 chunks ahead with the default
+block_n=32 x num_stages=5), scores = q_tile [BLOCK_H, d] @ K^T on the tensor cores, online softmax (running max
+starts at the sink logit, so it is never -inf while the sink is finite), acc += p @ K (the same K tile: V = K). The
+sink enters the normaliser at the end: ``o = acc / (l + exp(sink - m))``. Work is in the log2 domain (exp2 of logits
+pre-multiplied by log2 e). Each program first scans its index entries (4 B each, vs 2 d B per K row) for the last
+valid one and stops there, so the causal -1 padding of early tokens' compressed lists costs no gathers or MMAs.
 
-Decode (few tokens) splits each index list over ``num_splits`` programs (flash-decoding); each writes its
-unnormalised (acc, m, l) in fp32 and a combine kernel merges them with the sink. Prefill runs unsplit.
+Decode (few tokens) cuts each index list into ``num_splits`` pieces of whole chunks (flash-decoding): the count comes
+from a wave model (``choose_splits``: 1 program per SM, pieces of >= 64 entries), each piece writes its unnormalised
+(acc, m, l) in fp32, and a combine kernel tiled over (token, 16 heads, 128 dims) merges them with the sink. A piece
+with no valid entry contributes (0, sink, 0), which the merge weighs to nothing. Launch configs come from the
+``CONFIGS`` table, the defaults from ``DEFAULTS`` (one name per regime; set from the H100 sweep).
 
 Precision. On the GPU q and K stay bf16 in ``tl.dot`` (fp32 accumulation) and p is rounded to bf16 before p @ K
 (relative error <= 2^-9 per weight, so |o - o_exact| <= 2^-9 max|K| beyond the output rounding). Under the
@@ -241,6 +247,14 @@ def resolve_config(T: int, H: int, M: int, d: int, sms: int = _H100_SMS, *, bloc
     return cfg
 
 
+def split_layout(M: int, block_n: int, num_splits: int) -> tuple[int, int]:
+    """(pieces actually launched, entries per piece) for ``num_splits`` requested: whole block_n chunks per piece,
+    no empty trailing piece."""
+    splits = max(1, min(num_splits, triton.cdiv(M, block_n)))
+    split_len = triton.cdiv(triton.cdiv(max(M, 1), splits), block_n) * block_n
+    return triton.cdiv(max(M, 1), split_len), split_len
+
+
 def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                             scale: float, *, block_h: int | None = None, block_n: int | None = None,
                             num_splits: int | None = None, num_warps: int | None = None,
@@ -268,9 +282,7 @@ def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     sink = sink.contiguous()
     block_n = cfg["block_n"]
-    splits = max(1, min(cfg["num_splits"], triton.cdiv(M, block_n)))
-    split_len = triton.cdiv(triton.cdiv(M, splits), block_n) * block_n      # whole chunks per split
-    splits = triton.cdiv(M, split_len)
+    splits, split_len = split_layout(M, block_n, cfg["num_splits"])
     head_blocks = triton.cdiv(H, cfg["block_h"])
     if splits > 1:
         part_acc = torch.empty(T * H * splits * d, dtype=torch.float32, device=q.device)
