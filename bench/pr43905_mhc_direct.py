@@ -13,9 +13,11 @@ run goes on; a time budget (``--budget``, default 150 s from the start) turns wh
 1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
    epilogue). A failure here names the broken kernel.
-1b. Issue #6 designs (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked): each
+1b. (run right after step 2) Issue #6 designs (``_mhc_common.TUNING["design"]``: two_pass = launcher default,
+   one_pass, l2_chunked): each
    new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled in the warm-up and smoke-tested in its own
-   subprocess (a crash disables that design only), then numerics (T in {1, 70, 1000, 4096}) and eager vs graph
+   subprocess (a crash, or a max relative error above 5 %, disables that design only), then numerics (T in
+   {1, 70, 1000}) and eager vs graph
    bitwise, then timed against each other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay
    for T <= 256) BEFORE the long sweeps; records variant "design:<name>" with fields design / resolved_design /
    default_design, one "best_design" record per (preset, op, T), and a "design comparison" table printed last.
@@ -68,7 +70,8 @@ VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass
             "l2_chunked_32mb": {"design": "l2_chunked", "l2_chunk_mb": 32}}
 VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
-DESIGN_NUMERICS_TOKENS = [1, 70, 1000, 4096]
+DESIGN_NUMERICS_TOKENS = [1, 70, 1000]   # 1000 > one chunk of l2_chunked (512 Flash / 256 Pro tokens)
+DESIGN_SMOKE_MAX_REL = 0.05              # a new design above this (max |err| / max |ref|, any output) is not timed
 NUMERICS_TOKENS = [1, 3, 64, 1000, 4096]
 MIX_REL_TARGET = 1e-5
 TL_CACHE = "/tmp/dsv4lab_tilelang_cache"
@@ -844,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  smoke {op} [{design}]: " + (f"max rel err per output {errs}" if "error" not in w
                                                  else f"FAILED {w['error']}"))
             bad = "error" in w or any(v != v or v == float("inf") for v in errs.values())
-            if bad and len(j.split(":")) > 3:
+            if len(j.split(":")) > 3 and (bad or any(v > DESIGN_SMOKE_MAX_REL for v in errs.values())):
                 design_ok[(op, design)] = False
             elif bad:
                 available[op] = False

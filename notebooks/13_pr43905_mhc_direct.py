@@ -291,6 +291,28 @@ except ImportError:
     explore()
 
 # %% [markdown]
+# ## Kernel designs (issue #6): two_pass, one_pass, l2_chunked
+#
+# `mhc_pre`, `mhc_fused_post_pre` and `hc_head` have three launcher designs (`_mhc_common.TUNING["design"]`):
+# **two_pass** (split-K prenorm GEMM, then an epilogue that re-reads R: ~18TD bytes at large T), **one_pass**
+# (a cluster of 8 CTAs keeps a token tile's R in shared memory, exchanges partial mixes through distributed shared
+# memory: 10TD bytes, one launch, but fn -- 48 tokens' worth of bytes -- is re-read from L2 per 16-32-token tile)
+# and **l2_chunked** (two_pass per 16 MB chunk of R, so the re-read hits L2; more launches). The H100 bench times
+# all of them in one run (variant `design:<name>`, CUDA-graph replay for T <= 256); the table below shows the
+# stored comparison, with tile_kernels timed alike, when the records exist.
+
+# %%
+des = stored[stored["variant"].astype(str).str.startswith("design:") & (stored["metric"] == "time")] \
+    if len(stored) and "variant" in stored else stored.iloc[0:0]
+if len(des):
+    table = des.pivot_table(index=["preset", "op", "tokens"], columns="variant", values="value", aggfunc="last")
+    dd = stored["default_design"].dropna() if "default_design" in stored else []
+    print(f"p50 us per design (launcher default in that run: {dd.iloc[-1] if len(dd) else 'two_pass'})")
+    display(table.round(1))
+else:
+    print("no stored design-comparison records yet: run bench/pr43905_mhc_direct.py on the H100")
+
+# %% [markdown]
 # ## Interpretation
 #
 # * **Same results.** Before and after are bitwise equal per op and over a whole mHC forward (live above on the
@@ -304,3 +326,7 @@ except ImportError:
 # * **The kernels**: read the H100 charts against the floors. `mhc_post` and `hc_head`'s second pass are pure streams;
 #   `mhc_pre` pays the second read of R (L2 at small T, HBM at large T), so its % of the minimum-bytes roofline is
 #   bounded near 55 % by design, and the comparison that matters there is tile_kernels, which reads R twice too.
+# * **The designs** (issue #6): one_pass removes the second read of R and one launch, which is what T = 1 latency
+#   and mid-size T need; at large T its fn traffic from L2 (48/BT x the residual bytes) competes with the saved HBM
+#   read, and l2_chunked trades launches for L2 hits. The design table above says which wins where; the launcher
+#   default is switched only on those measurements.
