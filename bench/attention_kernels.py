@@ -11,10 +11,12 @@ Order (each case recorded as it finishes; a failure becomes an "error" record an
    reference vs a float64 oracle on sampled rows (window, CSA with per-query random top-k sets, HCA); edge cases
    (empty rows, -inf sink, huge sink); FlexAttention on the same sets; compressor (r=4, 128, fp8 nope) vs the
    reference; DeepGEMM indexer top-k overlap with the reference (near ties explained by the reference logits).
-2. Timing (CUDA events, L2 flushed): prefill T in {1024, 4096, 8192, 16384} for window/CSA/HCA (TFLOP/s and % of
-   the measured bf16 matmul peak; target >= 40 % at T=8192), with a small launch-config sweep at T=8192; decode
-   batch {1, 16, 64, 256} x L {4096, 32768, 131072} (GB/s of the bf16 rows actually read, % of copy BW; target
-   >= 50 %; the roofline row is fp8 584 B/row and is recorded alongside); compressor and indexer Q (GB/s; target
+2. Timing (CUDA events, L2 flushed; sparse-attention decode as CUDA-graph replays): prefill T in {1024, 4096, 8192,
+   16384} for window/CSA/HCA (TFLOP/s and % of the measured bf16 matmul peak; target >= 40 % at T=8192), then every
+   sparse_attention CONFIGS entry at T=8192 (variant prefill-sweep-<kind>, field config) and at DECODE_SWEEP shapes
+   with split counts (variant decode-sweep-*), each capped at ATTN_SWEEP_S; decode with the default config, batch
+   {1, 16, 64, 256} x L {4096, 32768, 131072} (GB/s of the bf16 rows actually read, pct_bw_actual; target >= 50 %;
+   pct_of_peak counts the roofline row's fp8 584 B/row); compressor and indexer Q (GB/s; target
    >= 70 % at T >= 4096); DeepGEMM logits + top-k; FlexAttention at T in {4096, 8192} (target: Triton faster).
 Peaks: data/results/<gpu>/peaks.jsonl if present, else measured here and written to <out>/peaks.jsonl.
 """
@@ -136,7 +138,7 @@ def inv_freq(dev: str):
 
 
 # ---- sparse attention launch configs (kernel table: dsv4lab/kernels/triton/sparse_attention.py CONFIGS) -----------
-ATTN_SWEEP_S = 60.0             # wall-clock cap of the prefill sweep and of the decode sweep (each)
+ATTN_SWEEP_S = 45.0             # wall-clock cap of the prefill sweep and of the decode sweep (each)
 # decode sweep shapes (kind, L, batch, split counts also tried with the decode default config)
 DECODE_SWEEP = [("csa", 32768, 1, [1, 2, 4, 8, 16]), ("csa", 32768, 16, [1, 2, 4, 8]), ("csa", 32768, 64, [1, 2, 4]),
                 ("csa", 32768, 256, []), ("hca", 131072, 64, []), ("window", 4096, 256, [])]

@@ -51,11 +51,12 @@ _TRIM_BLOCK = 256               # index entries scanned per step when looking fo
 # 227 KiB of shared memory without register spills, except h64n64w8s2 (160 B of spills unsplit). The K-row gather is
 # an async copy whose prefetch depth is set by block_n x num_stages: depth 1 (the gather of chunk i+1 is only issued at
 # the end of iteration i and waited for at the top of i+1: nothing overlaps it) for h64n32w8s2 / h64n64w8s2, depth 2
-# for h64n32w8s5 (q 64 KiB + 3 x 32 KiB of K), depth 3 for h64n16w8s7. block_h = 64 runs both dots as wgmma (M = 64
-# = all Flash heads of a token, so each K row is gathered once per token); block_h 32/16 fall back to mma.sync and
-# re-read a token's rows once per head tile (adjacent programs, so mostly from L2).
+# for h64n32w8s5 (q 64 KiB + 3 x 32 KiB of K), depth 3 for h64n32w8s7 (193 KiB) and h64n16w8s7. block_h = 64 runs
+# both dots as wgmma (M = 64 = all Flash heads of a token, so each K row is gathered once per token); block_h 32/16
+# fall back to mma.sync and re-read a token's rows once per head tile (adjacent programs, so mostly from L2).
 CONFIGS: dict[str, dict] = {
     "h64n32w8s5": dict(block_h=64, block_n=32, num_warps=8, num_stages=5),
+    "h64n32w8s7": dict(block_h=64, block_n=32, num_warps=8, num_stages=7),
     "h64n16w8s7": dict(block_h=64, block_n=16, num_warps=8, num_stages=7),
     "h64n32w8s2": dict(block_h=64, block_n=32, num_warps=8, num_stages=2),     # the previous default
     "h64n64w8s2": dict(block_h=64, block_n=64, num_warps=8, num_stages=2),     # the previous best at T=8192 (30 %)
