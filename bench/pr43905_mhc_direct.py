@@ -13,14 +13,14 @@ run goes on; a time budget (``--budget``, default 150 s from the start) turns wh
 1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
    epilogue). A failure here names the broken kernel.
-1b. (run right after step 2) Issue #6 designs (``_mhc_common.TUNING["design"]``: two_pass = launcher default,
-   one_pass, l2_chunked): each
-   new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled in the warm-up and smoke-tested in its own
-   subprocess (a crash, or a max relative error above 5 %, disables that design only), then numerics (T in
-   {1, 70, 1000}) and eager vs graph
-   bitwise, then timed against each other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay
-   for T <= 256) BEFORE the long sweeps; records variant "design:<name>" with fields design / resolved_design /
-   default_design, one "best_design" record per (preset, op, T), and a "design comparison" table printed last.
+1b. (runs FIRST, right after the smoke tests: the budget cuts the tail) Issue #6 designs
+   (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked; VARIANTS adds tiles of 16
+   tokens, 16-CTA clusters and 32 MB chunks): each new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled
+   in the warm-up and smoke-tested in its own subprocess (a crash, or a max relative error above 5 %, disables
+   that variant only), then numerics (T in {1, 70, 1000}) and eager vs graph bitwise, then timed against each
+   other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay for T <= 256); records variant
+   "design:<name>" with fields design / resolved_design / default_design, one "best_design" record per
+   (preset, op, T), and a "design comparison" table printed last.
 2. Numerics per preset, op, T in {1, 3, 64, 1000, 4096}: lab.numerics.compare(oracle fp64, eager = fp32 reference
    on the GPU, fused = TileLang), err_ratio bar 2; mixes (post, comb) relative to the fp32 reference (target 1e-5);
    T = 0; determinism; eager vs CUDA-graph replay bitwise. tile_kernels too, against the oracle of ITS semantics.
@@ -67,7 +67,11 @@ NEW_DESIGNS = ("one_pass", "l2_chunked")
 VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass"},
             "l2_chunked": {"design": "l2_chunked"}, "auto": {"design": "auto"},
             "one_pass_bt16": {"design": "one_pass", "onepass_block_tokens": 16},
+            # 16-CTA clusters (non-portable size; Flash only: Pro's D/16 is not a multiple of 128): half the fn
+            # slice per CTA, for T = 1 latency
+            "one_pass_c16": {"design": "one_pass", "onepass_cluster": 16},
             "l2_chunked_32mb": {"design": "l2_chunked", "l2_chunk_mb": 32}}
+SMOKED_VARIANTS = ("one_pass", "l2_chunked", "one_pass_bt16", "one_pass_c16", "l2_chunked_32mb")
 VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
 DESIGN_NUMERICS_TOKENS = [1, 70, 1000]   # 1000 > one chunk of l2_chunked (512 Flash / 256 Pro tokens)
@@ -181,6 +185,7 @@ def warm_jobs() -> list[str]:
     jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")
             + VARIANT_KERNELS]
     jobs += [f"tl:flash:{k}_bt16" for k in VARIANT_KERNELS]   # VARIANTS["one_pass_bt16"] (Pro's default is 16)
+    jobs += [f"tl:flash:{k}_c16" for k in VARIANT_KERNELS]    # VARIANTS["one_pass_c16"]
     return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
 
 
@@ -195,6 +200,9 @@ def tl_kernel(preset: str, kind: str):
     if kind.endswith("_bt16"):
         with tuning(onepass_block_tokens=16):
             return tl_kernel(preset, kind.removesuffix("_bt16"))
+    if kind.endswith("_c16"):
+        with tuning(onepass_cluster=16):
+            return tl_kernel(preset, kind.removesuffix("_c16"))
     return {"gemm24": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch),
             "gemm4": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 4, arch),
             "fused": lambda: mhc_fused_post_pre.post_prenorm_gemm_kernel(d, arch),
@@ -227,12 +235,13 @@ def run_warm_job(job: str) -> dict[str, Any]:
         torch.cuda.synchronize()
     elif kind == "smoke":   # run one op's kernels in a throw-away process: a crash or hang cannot poison ours
         op, worst, dev = rest[0], {}, "cuda" if torch.cuda.is_available() else "cpu"
-        if len(rest) > 2:   # smoke:<op>:<presets>:<design>
+        if len(rest) > 2:   # smoke:<op>:<presets>:<variant of VARIANTS>
             from dsv4lab.kernels.tilelang import _mhc_common as common
 
-            common.TUNING["design"] = rest[2]
+            common.TUNING.update(VARIANTS[rest[2]])
         for p in rest[1].split(","):
-            for t in (1, 3, 70, 1000, 4096):   # 4096: several tokens per epilogue block
+            # 4096: several tokens per epilogue block; a design variant: 1000 spans several l2_chunked chunks
+            for t in ((1, 3, 70, 1000, 4096) if len(rest) == 2 else (1, 70, 1000)):
                 c = make_case(p, t, dev, seed=t)
                 got, want = tilelang_call(op, c), reference_call(None, op, c)
                 if dev == "cuda":
@@ -628,14 +637,15 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
     for vname, over in VARIANTS.items():
         with tuning(**over):
             resolved = common.design_for(t, d)
-            key = (resolved, onepass.block_tokens(d) if resolved == "one_pass" else None,
+            key = (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
                    common.chunk_tokens(d) if resolved == "l2_chunked" else None)
             for op in DESIGN_OPS:
                 base_rec = dict(design=vname, resolved_design=resolved, default_design=R.default_design,
                                 tuning=dict(common.TUNING))
-                if resolved != "two_pass" and not design_ok.get((op, resolved), False):
+                smoked = vname if vname in SMOKED_VARIANTS else resolved   # "auto" -> the design it resolves to
+                if resolved != "two_pass" and not design_ok.get((op, smoked), False):
                     recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "unavailable", None, None,
-                                      reason=f"{resolved} failed its subprocess smoke test", **base_rec))
+                                      reason=f"{smoked} failed to load or its subprocess smoke test", **base_rec))
                     continue
                 if (op, key) in timed:
                     recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "same_as", None,
@@ -794,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             R.save([R.rec("-", "-", "peaks", None, None, "error", None, None, message=f"{type(e).__name__}: {e}")])
     available = {op: True for op in OPS}
-    design_ok = {(op, d): True for op in DESIGN_OPS for d in NEW_DESIGNS}   # one_pass / l2_chunked per op
+    design_ok = {(op, v): True for op in DESIGN_OPS for v in SMOKED_VARIANTS}   # (op, variant): smoke passed
     if not dry:
         if not args.no_warm:
             jobs = [j for j in warm_jobs() if not j.startswith("tl:") or j.split(":")[1] in args.presets]
@@ -826,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
                             available[op] = False
                     if kind in VARIANT_KERNELS:   # onepass_pre -> mhc_pre, ...
                         op = {"pre": "mhc_pre", "fused": "mhc_fused_post_pre", "head": "hc_head"}[kind.split("_")[1]]
-                        design_ok[(op, "one_pass")] = False
+                        for v in SMOKED_VARIANTS:
+                            if VARIANTS[v]["design"] == "one_pass":
+                                design_ok[(op, v)] = False
         # each op once in its own process first (T up to 4096): an illegal access or a hang there marks
         # the op unavailable instead of killing this process's CUDA context (and every later measurement)
         smoke_jobs = [f"smoke:{op}:{','.join(args.presets)}" for op in OPS if available[op]]
@@ -834,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
         smoke_jobs += [f"smoke:{op}:{','.join(args.presets)}:{d}" for (op, d), ok in design_ok.items()
                        if ok and available[op]]
         try:
-            smoke = launch_warm_jobs(smoke_jobs, timeout=min(60.0, max(10.0, R.left() - 60)))
+            # 60 s whatever the budget: ~20 processes start torch at once, and a timed-out smoke disables a design
+            smoke = launch_warm_jobs(smoke_jobs, timeout=60.0)
         except Exception as e:
             smoke = {j: {"error": f"could not launch: {type(e).__name__}: {e}"} for j in smoke_jobs}
         for j, w in smoke.items():
@@ -875,6 +888,35 @@ def main(argv: list[str] | None = None) -> int:
                     "flash", 4, R.dev)) is not None)], op=op, backend="tile_kernels")[0].get("value"))
         print(f"tile_kernels ops usable: {tk_ok}")
 
+    # ---- 1b. issue #6 first (the budget cuts the tail): numerics of the new designs where the smoke passed --
+    for p in args.presets:
+        for (op, design), ok in design_ok.items():
+            if design not in NEW_DESIGNS:
+                continue
+            if not ok:
+                R.save([R.rec(op, "tilelang", f"design:{design}", p, None, "unavailable", None, None, design=design,
+                              reason="failed to compile/load or its subprocess smoke test")])
+                continue
+            for t in design_numerics_tokens:
+                def case(op=op, t=t, p=p, design=design):
+                    with tuning(design=design):
+                        return numerics_case(R, p, op, t, tilelang_call,
+                                             "tilelang" if not dry else "tilelang(emulated)", design=design)
+                R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=40)
+            for t in (() if dry else (1, 1000)):
+                def bitwise(op=op, t=t, p=p, design=design):
+                    with tuning(design=design):
+                        return graph_and_determinism(R, p, op, t)
+                R.guarded(f"graph/determinism {op} [{design}] {p} T={t}", bitwise, op=op, preset=p, tokens=t,
+                          min_left=40)
+
+    # ---- 1c. the designs timed against each other (and tile_kernels), before the long sweeps -------------------
+    for t in variant_tokens:
+        for p in args.presets:
+            R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, design_ok, tk,
+                                                                              tk_ok), preset=p, tokens=t, min_left=15)
+    R.save(design_summary(R, args.presets, variant_tokens))
+
     # ---- 1. stage diagnostics ------------------------------------------------------------------------------
     for t in ((3, 70) if dry else (3, 1000)):
         R.guarded(f"stage diagnostics T={t}", lambda t=t: stage_diagnostics(R, "flash", t), preset="flash",
@@ -899,33 +941,6 @@ def main(argv: list[str] | None = None) -> int:
                 for t in (1, 1000):
                     R.guarded(f"graph/determinism {op} {p} T={t}", lambda op=op, t=t, p=p: graph_and_determinism(
                         R, p, op, t), op=op, preset=p, tokens=t, min_left=50)
-
-    # ---- 2b. numerics of the new designs (issue #6), each op where its subprocess smoke passed ----------------
-    for p in args.presets:
-        for (op, design), ok in design_ok.items():
-            if not ok:
-                R.save([R.rec(op, "tilelang", f"design:{design}", p, None, "unavailable", None, None, design=design,
-                              reason="failed to compile/load or its subprocess smoke test")])
-                continue
-            for t in design_numerics_tokens:
-                def case(op=op, t=t, p=p, design=design):
-                    with tuning(design=design):
-                        return numerics_case(R, p, op, t, impl_tl, "tilelang" if not dry else "tilelang(emulated)",
-                                             design=design)
-                R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=50)
-            for t in (() if dry else (1, 1000)):
-                def bitwise(op=op, t=t, p=p, design=design):
-                    with tuning(design=design):
-                        return graph_and_determinism(R, p, op, t)
-                R.guarded(f"graph/determinism {op} [{design}] {p} T={t}", bitwise, op=op, preset=p, tokens=t,
-                          min_left=50)
-
-    # ---- 2c. the designs timed against each other (and tile_kernels), before the long sweeps -------------------
-    for t in variant_tokens:
-        for p in args.presets:
-            R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, design_ok, tk,
-                                                                              tk_ok), preset=p, tokens=t, min_left=20)
-    R.save(design_summary(R, args.presets, variant_tokens))
 
     # ---- 3. the refactor on the GPU (before the long timing sweep) -----------------------------------------
     R.guarded("refactor run", lambda: refactor.run("cpu" if dry else "cuda", quick=True, preset="flash"),
