@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ...quant import FP8_AMAX_FLOOR
 from ...rope import rope_cos_sin
+from ..reference import _checks as chk
 from ..reference._attn_checks import ANY_FLOAT, check_inv_freq, check_positions, check_tensor
 from .compressor import _round_bf16
 from .inv_rope_fp8_quant import _scale_bits, _to_e4m3
@@ -116,8 +117,7 @@ def indexer_q_rope_quant(q: torch.Tensor, positions: torch.Tensor, inv_freq: tor
         raise ValueError(f"q: the Triton backend needs power-of-two d_I and rope width, got {head_dim}, {rope}")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"q: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    if T and positions.device.type == "cpu" and int(positions.min()) < 0:
-        raise ValueError("positions: expected non-negative positions")
+    chk.index_range("positions", positions, 0, 2**62, "non-negative positions")
     if T == 0 or n_heads == 0:
         return (torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device),
                 torch.empty(T, n_heads, dtype=torch.float32, device=q.device))

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import _checks as chk
 from ..reference._attn_checks import ANY_FLOAT, check_tensor
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when @triton.jit below runs
@@ -194,9 +195,7 @@ def _check_args(q, kv, idx, sink, scale) -> None:
         raise ValueError(f"q, kv, idx, sink: expected one device, got {sorted(map(str, devices))}")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"q: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    if q.device.type == "cpu" and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= kv.shape[0]):
-        raise ValueError(f"idx: expected entries in [-1, {kv.shape[0] - 1}] (rows of kv, -1 = masked), "
-                         f"got range [{int(idx.min())}, {int(idx.max())}]")
+    chk.index_range("idx", idx, -1, kv.shape[0], "entries (rows of kv, -1 = masked)")
 
 
 @functools.lru_cache(maxsize=None)
