@@ -111,7 +111,7 @@ def test_choose_splits_wave_model():
     >= max(64, block_n) entries."""
     from dsv4lab.kernels.triton.sparse_attention import choose_splits
 
-    assert choose_splits(1, 640, 32) == 10          # 640 // 64 pieces; 10 programs
+    assert choose_splits(1, 640, 32) == 9           # 10 pieces would cut the modelled time by < 10 % more
     assert choose_splits(16, 640, 32) == 8          # 128 programs in one wave (s = 9 would need two)
     assert choose_splits(64, 640, 32) == 2          # 128 programs; s = 3 gives 192 (two waves for 1/3 each)
     assert choose_splits(256, 640, 32) == 1         # already two waves: splitting only adds partials
@@ -219,16 +219,16 @@ from dsv4lab.kernels.triton import sparse_attention as SA
 from sparse_attention_aot import build
 facts = [build(SA.CONFIGS[SA.DEFAULTS[regime]], split=split) for regime, split in (("prefill", False), ("decode", True))]
 shared = max(f["shared_bytes"] for f in facts)
-mma = all(f["wgmma"] and f["spill_bytes"] == 0 and f["k_prefetch_depth"] >= 2 for f in facts)
+mma = all(f["wgmma"] and f["spill_bytes"] <= 256 for f in facts)
 print(shared, mma)
 """
 
 
 def test_sm90_builds():
     """The default prefill (unsplit) and decode (split) launches of the attention kernel at d = 512 compile to sm_90a
-    (AOT, no GPU needed, with the JIT's divisible-by-16 hints): shared memory within the H100's 227 KiB per block; the
-    dots are wgmma, nothing spills, and the K-row gather is an async copy issued at least 2 chunks ahead
-    (bench/sparse_attention_aot.py prints these facts for every config)."""
+    (AOT, no GPU needed, with the JIT's divisible-by-16 hints): shared memory within the H100's 227 KiB per block, the
+    dots are wgmma and at most 256 B spill (the decode default h64n64w8s2 spills 160 B and still measured fastest at
+    batch 64/256 on the H100; bench/sparse_attention_aot.py prints spills and gather prefetch depth per config)."""
     import os
     import subprocess
     import sys
@@ -242,3 +242,21 @@ def test_sm90_builds():
     assert proc.returncode == 0, proc.stderr[-2000:]
     shared, mma = proc.stdout.split()
     assert int(shared) <= 227 * 1024 and mma == "True"
+
+
+def test_prefill_runs_unsplit_unless_asked():
+    """Prefill (T > the decode limit) never splits by default: splitting writes an fp32 partial per token and split
+    (10 GB at Flash T=8192) for a ~1 % wave-model gain; the H100 measured it 4x slower."""
+    from dsv4lab.kernels.triton.sparse_attention import _DECODE_MAX_TOKENS, resolve_config
+
+    assert resolve_config(8192, 64, 640, 512)["num_splits"] == 1
+    assert resolve_config(_DECODE_MAX_TOKENS + 1, 64, 640, 512)["num_splits"] == 1
+    assert resolve_config(8192, 64, 640, 512, num_splits=4)["num_splits"] == 4
+    assert resolve_config(1, 64, 640, 512)["num_splits"] > 1                   # decode still splits
+
+
+def test_choose_splits_needs_a_real_gain():
+    from dsv4lab.kernels.triton.sparse_attention import choose_splits
+
+    # 256 programs: 2 waves unsplit; 17 splits model 1.94 waves (-3 %), not worth the partials
+    assert choose_splits(256, 1152, 32) == 1
