@@ -208,3 +208,13 @@ def test_crash_mid_write_while_another_process_appends(tmp_path):
     assert len(recs) == 2 * 30 * 3 and all(r["value"] != -1.0 for r in recs)
     for w in range(2):
         assert sorted({r["batch"] for r in recs if r["worker"] == w}) == list(range(30))
+
+
+def test_stamped_commit_wins_over_git(monkeypatch):
+    from dsv4lab.lab import results as R
+
+    monkeypatch.setenv("DSV4LAB_COMMIT", "abc1234+dirty")
+    assert R._commit() == "abc1234+dirty"
+    monkeypatch.delenv("DSV4LAB_COMMIT")
+    sha = R._commit()
+    assert sha is None or sha.split("+")[0].isalnum()

@@ -91,11 +91,14 @@ def _dist_version(module: str, dists: tuple[str, ...]) -> str | None:
 
 
 def _commit() -> str | None:
-    """``git rev-parse --short HEAD`` (+ ``+dirty``); where the tree has no .git (the GPU host gets a copy of the
-    working tree), the ``DSV4LAB_COMMIT`` variable that ``bench/run_gpu.sh`` reads from a carried ``.commit`` file."""
+    """The ``DSV4LAB_COMMIT`` variable when set (``bench/run_gpu.sh`` reads it from a carried ``.commit`` file: the
+    GPU host's copy of the tree may hold a stale .git), else ``git rev-parse --short HEAD`` (+ ``+dirty``)."""
+    stamped = os.environ.get("DSV4LAB_COMMIT")
+    if stamped:   # set on purpose (bench/run_gpu.sh): the GPU host's copy may carry a stale .git
+        return stamped
     sha = _run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO)
     if not sha:
-        return os.environ.get("DSV4LAB_COMMIT") or None
+        return None
     status = _run(["git", "status", "--porcelain"], cwd=_REPO)
     return sha + ("+dirty" if status else "")
 

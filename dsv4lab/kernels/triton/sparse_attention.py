@@ -66,7 +66,9 @@ CONFIGS: dict[str, dict] = {
 }
 # The launcher defaults: one CONFIGS name per regime (decode = at most _DECODE_MAX_TOKENS query tokens). Set these
 # from the H100 sweep records (variant prefill-sweep-* / decode-sweep-*, field `config`).
-DEFAULTS = {"prefill": "h64n32w8s5", "decode": "h64n64w8s2"}   # decode: best at batch 64/256 in the H100 sweep
+# H100 sweeps (data/results/h100/attention_kernels.jsonl): h64n64w8s2 fastest at prefill T=8192 (CSA 3034 us vs
+# 4030 us for h64n32w8s5) and at decode batch 64/256
+DEFAULTS = {"prefill": "h64n64w8s2", "decode": "h64n64w8s2"}
 
 
 @triton.jit

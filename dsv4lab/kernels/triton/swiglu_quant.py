@@ -58,9 +58,12 @@ def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, rows_ptr, q_ptr, scale_ptr,
     gate = tl.load(base + col, mask=valid, other=0.0).to(tl.float32)
     up = tl.load(base + inter + col, mask=valid, other=0.0).to(tl.float32)
 
-    gate = tl.minimum(gate, limit)                                    # gate clamped from above only
-    up = tl.minimum(tl.maximum(up, -limit), limit)
+    # tl.minimum/maximum drop a NaN operand on the GPU (fmin/fmax); torch's clamp keeps it, and so must we: a NaN
+    # activation has to reach the output, not turn into +-limit
+    gate = tl.where(gate != gate, gate, tl.minimum(gate, limit))     # gate clamped from above only
+    up = tl.where(up != up, up, tl.minimum(tl.maximum(up, -limit), limit))
     h = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
+    chunk_nan = tl.max((h != h).to(tl.int32), axis=1) > 0             # [C]: torch's amax would be NaN there
 
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), AMAX_FLOOR)          # [C]
     abits = amax.to(tl.int32, bitcast=True)
@@ -68,7 +71,9 @@ def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, rows_ptr, q_ptr, scale_ptr,
     exp = ((abits >> 23) & 0xFF) - 127 - 8 + ((abits & 0x7FFFFF) > 0x600000).to(tl.int32)
     scale = ((exp + 127) << 23).to(tl.float32, bitcast=True)
     inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)      # exact: exp in [-22, 120]
-    scaled = tl.minimum(tl.maximum(h * inv_scale[:, None], -448.0), 448.0)
+    scale = tl.where(chunk_nan, float("nan"), scale)
+    scaled = h * inv_scale[:, None]
+    scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
     q = _to_e4m3(scaled, SOFT_ROUND)
 
     in_row = (chunk < n_chunks)[:, None] & row_ok
