@@ -35,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# time the kernels, not the launchers' index range checks (each a device sync + an aminmax over idx); the records
+# of 2026-11-23 (commits 2ae86ce, 7cf721b) were taken with the checks on
+os.environ.setdefault("DSV4LAB_GPU_RANGE_CHECKS", "0")
 
 EXPERIMENT = "attention_kernels"
 H, D_HEAD, W, K_I, HIDDEN, Q_LORA, N_I, D_I = 64, 512, 128, 512, 4096, 1024, 64, 128
@@ -148,7 +151,9 @@ DECODE_SWEEP_DRY = [("csa", 512, 1, [1, 3]), ("hca", 512, 2, [])]
 def attn_sweep_cases(SA, regime: str, dry: bool) -> list[tuple[str, dict]]:
     """(name, launch knobs): every CONFIGS entry, plus the regime's default without the trailing-run trim."""
     cases = [(name, dict(cfg)) for name, cfg in SA.CONFIGS.items()]
-    cases.append((SA.DEFAULTS[regime] + "-notrim", dict(SA.CONFIGS[SA.DEFAULTS[regime]], trim=False)))
+    # the default's opposite trim setting (trim is on by default in prefill, off in decode)
+    flip = regime != "prefill"
+    cases.append((SA.DEFAULTS[regime] + ("-trim" if flip else "-notrim"), dict(SA.CONFIGS[SA.DEFAULTS[regime]], trim=flip)))
     return cases[:2] if dry else cases
 
 

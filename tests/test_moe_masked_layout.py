@@ -160,3 +160,14 @@ def test_masked_pipeline_bitwise_equal_to_contiguous():
     assert torch.equal(yc, ym2)
     with pytest.raises(ValueError, match="layout"):
         gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, layout="ragged")
+
+
+def test_combine_refuses_rows_outside_out_unless_told_they_are_trusted():
+    out = torch.randn(4, 32).bfloat16()
+    w = torch.rand(2, 1)
+    with pytest.raises(ValueError, match="rows"):
+        ml.combine_rows(out, torch.tensor([[0, 4], [1, 2]]), w, torch.bfloat16)
+    with pytest.raises(ValueError, match="rows"):
+        ml.combine_rows(out, torch.tensor([[0, -2], [1, 2]]), w, torch.bfloat16)
+    ok = ml.combine_rows(out, torch.tensor([[0, -1], [1, 2]]), w, torch.float32)
+    assert torch.equal(ok[0], w[0, 0] * out[0].float())

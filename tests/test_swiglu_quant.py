@@ -114,3 +114,10 @@ def test_empty_and_bad_input(device):
         swiglu_quant(gu, L, torch.zeros(3, dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="m_indices"):
         swiglu_quant(gu, L, torch.zeros(4, device=device))
+
+
+def test_listed_rows_out_of_range_are_refused(device):
+    gate_up = torch.randn(256, 2 * 128, device=device).bfloat16()
+    for bad in ([0, 256], [-2, 3]):
+        with pytest.raises(ValueError, match="rows"):
+            swiglu_quant(gate_up, 10.0, rows=torch.tensor(bad, dtype=torch.int32, device=device), group_rows=128)

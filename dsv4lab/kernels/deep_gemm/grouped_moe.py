@@ -308,7 +308,9 @@ def masked_experts(experts: "HopperExperts", shared_chunks: int) -> "HopperExper
     shared slice repeated ``shared_chunks`` times (cached; identity for 1 chunk or no shared expert)."""
     if shared_chunks == 1 or experts.n_shared_groups == 0:
         return experts
-    key = (id(experts), experts.w13.data_ptr(), shared_chunks)
+    # data pointers and version counters of all four operands: an in-place weight update must not return stale copies
+    key = (id(experts), shared_chunks, *((w.data_ptr(), w._version) for w in
+                                         (experts.w13, experts.w13_sf, experts.w2, experts.w2_sf)))
     if key not in _MASKED_EXPERTS:
         _MASKED_EXPERTS.clear()
         e = experts.n_routed
@@ -366,7 +368,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
     gate_up = gemm(a, a_sf, experts.w13, experts.w13_sf, lay.m_indices)
     h, h_sf = swiglu_quant(gate_up, limit, lay.m_indices)
     out = gemm(h, h_sf, experts.w2, experts.w2_sf, lay.m_indices)
-    return combine_rows(out, lay.row, weights.float().contiguous(), x.dtype)
+    return combine_rows(out, lay.row, weights.float().contiguous(), x.dtype, check_rows=False)
 
 
 def _masked_forward(x, x_q, x_sf, weights, ids, experts: HopperExperts, limit: float, gemm: MaskedGemm,
@@ -389,7 +391,8 @@ def _masked_forward(x, x_q, x_sf, weights, ids, experts: HopperExperts, limit: f
     g_all, inter2 = gate_up.shape[0], gate_up.shape[2]
     h, h_sf = swiglu_quant(gate_up.view(g_all * m_max, inter2), limit, rows=rows, group_rows=m_max)
     out = gemm(h.view(g_all, m_max, inter2 // 2), h_sf, ex.w2, ex.w2_sf, lay.masked_m, expected_m)
-    return ml.combine_rows(out.view(g_all * m_max, out.shape[2]), rows, weights.float().contiguous(), x.dtype)
+    return ml.combine_rows(out.view(g_all * m_max, out.shape[2]), rows, weights.float().contiguous(), x.dtype,
+                           check_rows=False)
 
 
 # ---- the registry backend (moe_fp4's signature) ---------------------------------------------------------

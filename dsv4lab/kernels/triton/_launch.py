@@ -9,9 +9,11 @@ path once per specialisation and afterwards calls the compiled kernel's own laun
 The cache key must cover everything Triton specialises on, or a cached binary would be reused where Triton would
 have compiled another one: for each tensor its dtype and whether its address is 16-byte aligned (Triton's
 pointer-divisibility specialisation), every int by value (covers ``== 1``, ``% 16`` and the 32/64-bit choice),
-the other arguments by type and value, and the device and ``num_warps``. Tensors on a device other than the
-current one take the normal path under that device (Triton launches on the current device). Whenever Triton's launch hooks are set
-(a profiler such as proton is attached) or the interpreter is on, every call takes the normal path.
+floats and the other arguments by type and value, and the device and ``num_warps``. Not covered: Triton's debug
+and instrumentation knobs, its used-global-values check and pre-run hooks (dsv4lab sets none of them). Tensors on a
+device other than the current one take the normal path under that device (Triton launches on the current device).
+Whenever Triton's launch hooks are set (a profiler such as proton is attached) or the interpreter is on, every call
+takes the normal path.
 """
 from __future__ import annotations
 
@@ -34,9 +36,8 @@ def hooks_active() -> bool:
 
 def _arg_key(a: Any) -> Any:
     kind = type(a)
-    if kind is float:
-        return float   # runtime fp32 argument: no specialisation on its value
-    if kind is int or kind is bool:
+    if kind is int or kind is bool or kind is float:
+        # by value: ints for Triton's == 1 / % 16 / i32-i64 choice, floats in case one is a constexpr
         return (kind, a)
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)

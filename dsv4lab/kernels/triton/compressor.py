@@ -172,12 +172,16 @@ def _compress_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_pt
 # ---- host side ----------------------------------------------------------------------------------------------
 _rope_tables: dict[int, tuple] = {}      # id(inv_freq) -> (weakref, version, {(ratio, device): (cos, sin)})
 _counters: dict[tuple, torch.Tensor] = {}
+# tables replaced or dropped from the cache stay referenced: a CUDA graph captured while they were cached reads
+# their memory at every replay (they are small: rows x rope/2 fp32)
+_retired: list[tuple] = []
 
 
 def _forget_tables(dead: weakref.ref) -> None:
     """Drop the tables of a freed ``inv_freq`` (its id may be reused by another tensor)."""
     for key, hit in list(_rope_tables.items()):
         if hit[0] is dead:
+            _retired.extend(hit[2].values())
             del _rope_tables[key]
 
 
@@ -194,12 +198,26 @@ def entry_cos_sin(inv_freq: torch.Tensor, ratio: int, n: int, device: torch.devi
     if cs is None or cs[0].shape[0] < n:
         rows = max(n, 2 * cs[0].shape[0] if cs is not None else 0, 64)
         cos, sin = rope_cos_sin(torch.arange(rows, device=device) * ratio, inv_freq.to(device))
+        if _capturing(device):
+            # under CUDA-graph capture these ops are only recorded: the tensors hold nothing until a replay, so
+            # they must not be cached for eager calls
+            return cos.contiguous(), sin.contiguous()
+        if cs is not None:
+            _retired.append(cs)   # a graph captured earlier may still read the smaller table: keep it alive
         cs = tables[dkey] = (cos.contiguous(), sin.contiguous())
     return cs
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters (>= n), one buffer per device and stream; the kernel leaves them zeroed."""
+    if _capturing(device):
+        # a captured zeros() runs at every replay, so a graph gets its own counters, zeroed each time; a cached
+        # buffer filled during capture would stay unzeroed until that graph replays
+        return torch.zeros(max(n, 256), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _counters.get(key)
@@ -221,11 +239,12 @@ def resolve_config(ratio: int, n_entries: int, head_dim: int, config: dict | Non
         block_c = head_dim
         while n_entries * (head_dim // block_c) < cfg["target_programs"] and block_c > cfg["min_block_c"]:
             block_c //= 2
-    if not isinstance(block_c, int) or block_c > head_dim or head_dim % block_c or block_c & (block_c - 1):
+    if (isinstance(block_c, bool) or not isinstance(block_c, int) or block_c > head_dim or head_dim % block_c
+            or block_c & (block_c - 1)):
         raise ValueError(f"block_c: expected a power-of-two divisor of head_dim={head_dim}, got {block_c!r}")
     n_cand = 8 if ratio == 4 else ratio
     rows = cfg["rows"]
-    if not isinstance(rows, int) or rows < 1 or n_cand % rows or rows & (rows - 1):
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or n_cand % rows or rows & (rows - 1):
         raise ValueError(f"rows: expected a power-of-two divisor of the {n_cand} candidates, got {rows!r}")
     if cfg["num_warps"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {cfg['num_warps']!r}")

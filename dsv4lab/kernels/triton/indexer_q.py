@@ -106,13 +106,15 @@ def indexer_q_rope_quant(q: torch.Tensor, positions: torch.Tensor, inv_freq: tor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backend of ``indexer_q_rope_quant``: q [T, n_I, d_I] bf16 -> (q8 e4m3, w_out fp32 [T, n_I]).
 
-    Input contract: as the reference, plus d_I and the rope width powers of two (negative positions are
-    rejected on CPU tensors only: checking a GPU tensor would synchronise)."""
+    Input contract: as the reference, plus d_I and the rope width powers of two; negative positions are rejected by
+    ``_checks.index_range`` (one device sync on a GPU; skipped under graph capture / compile or with
+    DSV4LAB_GPU_RANGE_CHECKS=0)."""
     check_tensor("q", q, dtypes=(torch.bfloat16,), ndim=3)
     T, n_heads, head_dim = q.shape
     check_positions(positions, T)
     check_inv_freq(inv_freq, head_dim, "index_head_dim")
     check_tensor("weights", weights, dtypes=ANY_FLOAT, shape=(T, n_heads))
+    chk.same_device(q=q, weights=weights)
     rope = 2 * inv_freq.numel()
     if head_dim & (head_dim - 1) or rope == 0 or rope & (rope - 1):
         raise ValueError(f"q: the Triton backend needs power-of-two d_I and rope width, got {head_dim}, {rope}")

@@ -246,7 +246,8 @@ def scatter_masked(x_q: torch.Tensor, x_sf: torch.Tensor, ids: torch.Tensor, lay
     return a, sf_store.transpose(1, 2), rows
 
 
-def combine_rows(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def combine_rows(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype, *,
+                 check_rows: bool = True) -> torch.Tensor:
     """``y[t] = sum_j w[t, j] * out[rows[t, j]]`` (fp32, slot order; w = 1 for j >= k, the shared slots; rows < 0
     contribute 0), rounded once to ``dtype``. ``out`` is [R, N] (a masked output is passed as its [G*M_max, N] view)."""
     chk.tensor("out", out, (torch.bfloat16, torch.float16, torch.float32), dim=2)
@@ -259,6 +260,8 @@ def combine_rows(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, d
         if not x.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor")
     chk.same_device(out=out, rows=rows, weights=weights)
+    if check_rows:   # the MoE paths build rows themselves and pass check_rows=False (no host sync there)
+        chk.index_range("rows", rows, -1, out.shape[0], "rows of out (-1 = dropped slot)")
     y = torch.empty((t, out.shape[1]), dtype=dtype, device=out.device)
     if t == 0 or out.shape[1] == 0:
         return y

@@ -8,12 +8,13 @@ Same contract as ``dsv4lab.kernels.reference.attention.sparse_attention_with_sin
 
 Design. All heads of a token read the same K rows (MQA), so one program owns a token and a tile of BLOCK_H heads
 (by default all 64 Flash heads: M = 64 for wgmma, each K row gathered once per token) and walks the token's index
-list in chunks of BLOCK_N entries: gather the K rows [BLOCK_N, d] (async copies, issued 2 chunks ahead with the default
-block_n=32 x num_stages=5), scores = q_tile [BLOCK_H, d] @ K^T on the tensor cores, online softmax (running max
+list in chunks of BLOCK_N entries: gather the K rows [BLOCK_N, d] (async copies; how far ahead they are issued
+depends on block_n x num_stages, see ``CONFIGS``), scores = q_tile [BLOCK_H, d] @ K^T on the tensor cores, online softmax (running max
 starts at the sink logit, so it is never -inf while the sink is finite), acc += p @ K (the same K tile: V = K). The
 sink enters the normaliser at the end: ``o = acc / (l + exp(sink - m))``. Work is in the log2 domain (exp2 of logits
-pre-multiplied by log2 e). Each program first scans its index entries (4 B each, vs 2 d B per K row) for the last
-valid one and stops there, so the causal -1 padding of early tokens' compressed lists costs no gathers or MMAs.
+pre-multiplied by log2 e). With ``trim`` (the prefill default) each program first scans its index entries (4 B each,
+vs 2 d B per K row) for the last valid one and stops there, so the causal -1 padding of early tokens' compressed
+lists costs no gathers or MMAs.
 
 Decode (few tokens) cuts each index list into ``num_splits`` pieces of whole chunks (flash-decoding): the count comes
 from a wave model (``choose_splits``: 1 program per SM, pieces of >= 64 entries), each piece writes its unnormalised
@@ -25,8 +26,9 @@ Precision. On the GPU q and K stay bf16 in ``tl.dot`` (fp32 accumulation) and p 
 (relative error <= 2^-9 per weight, so |o - o_exact| <= 2^-9 max|K| beyond the output rounding). Under the
 interpreter bf16 ``tl.dot`` is wrong (triton#11584), so operands are cast to fp32 and p stays fp32.
 
-Index entries outside [0, N) are masked like -1 (the range is validated on the host for CPU tensors only, to keep
-the GPU path free of a device sync).
+Index entries outside [0, N) are masked like -1 in the kernel; the launcher rejects them first with
+``_checks.index_range`` (on a GPU one device sync per call, skipped under CUDA-graph capture and torch.compile and
+with DSV4LAB_GPU_RANGE_CHECKS=0).
 """
 from __future__ import annotations
 

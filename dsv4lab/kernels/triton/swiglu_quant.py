@@ -110,6 +110,7 @@ def check_swiglu_quant_args(gate_up: torch.Tensor, limit: float, m_indices: torc
         if not rows.is_contiguous():
             raise ValueError("rows: expected a contiguous tensor")
         chk.same_device(gate_up=gate_up, rows=rows)
+        chk.index_range("rows", rows, -1, m, "rows of gate_up (-1 = skip)")
     if group_rows is not None:
         chk.positive_int("group_rows", group_rows)
         if m % group_rows:
