@@ -195,3 +195,10 @@ except ImportError:
 #   shrinks to per-kernel GPU latency. At large T the chart's dashed roofline shows how close each path gets
 #   to the copy bandwidth; `before_compiled` is the fair baseline there, since Inductor fuses the same way.
 #   The `target_met` table says, per (D, T), whether the PR's "same or slightly faster" holds against it.
+# * **Eager mode is host time**: at T <= 64 every variant is launch-bound on the H100, so the stored records time it
+#   two ways: `eager` (an event pair around each call) and `eager-loop` (100 back-to-back calls / 100, the cost an
+#   eager model pays per call). The fused kernels are launched through a cached Triton binary
+#   (`dsv4lab/kernels/triton/_launch.py`): Triton's own launch path costs tens of microseconds of Python per call,
+#   as much as the kernel. Measured: 5-13x (input norm) and 3.6-6.3x (shared-head norm) faster than eager in
+#   `eager-loop`. In graph replay at small T both the fused kernel and Inductor's sit at the ~5-6 us launch floor,
+#   and there the shared-head kernel is 2-7 % slower than the compiled one at 9 of 26 (D, T).

@@ -268,7 +268,12 @@ except ImportError:
 #   bf16 einsum; the first version of the quant kernel reached only 48-51 % of the copy bandwidth at T >= 4096
 #   (target 80 %): it rotated every element and always ran a software e4m3 rounding, ~55 PTX instructions per
 #   element. The current kernel rotates the rope lanes only and uses the hardware RNE cast on the GPU (~15
-#   instructions per element in the sm_90a PTX); its H100 numbers are the ones with the latest timestamp above.
+#   instructions per element in the sm_90a PTX). Its final H100 run (tile 2048 elements, 2 warps, picked by the
+#   bench's tile sweep) reached 80-86 % of the copy bandwidth at T >= 4096, and 86-87 % when the L2 is flushed by a
+#   read instead of a memset (a memset flush leaves dirty lines whose write-back lands inside the timed kernel).
+# * **GPU time under graph replay**: timed with the two graphs replayed alternately (`lab.timing.bench_interleaved`),
+#   after/before is 0.998-1.000 on all four shapes; timed one after the other, GPU clock drift alone had made one
+#   shape differ by 4 %.
 # * **The wrapped path itself**: the Triton quant reproduces the reference bit for bit; the fp8 activations cost ~2^-4
 #   relative per element (about 10x the bf16 path's error at the output), which is the price of running `wo_a` as an
 #   fp8 GEMM. On SM90 that GEMM is DeepGEMM's `fp8_einsum` with FP32 scales and recipe (1, 128, 128); the PR was
