@@ -10,7 +10,6 @@ prim_func's declared buffers. With nvcc + tilelang: every one-pass kernel compil
 launch, distributed-shared-memory exchange and tensor-core mma. The kernels themselves run only on the H100
 (bench/pr43905_mhc_direct.py).
 """
-import shutil
 
 import pytest
 import torch
@@ -208,17 +207,7 @@ def test_launchers_in_every_design(monkeypatch, design: str, tokens: int) -> Non
 
 
 # ---- (3) compilation for sm_90a ---------------------------------------------------------------------------------
-def _have_tilelang() -> bool:
-    try:
-        import tilelang  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_compiler = pytest.mark.skipif(
-    not (_have_tilelang() and shutil.which("nvcc")),
-    reason="needs tilelang (pip install tilelang==0.1.15) and nvcc on PATH to compile for sm_90a")
+from test_tilelang_mhc_compile import needs_compiler  # noqa: E402  -- one definition of "can compile for sm_90a"
 
 
 @needs_compiler
