@@ -1,0 +1,207 @@
+"""TileLang (Hopper, sm_90a): sparse MQA attention with a per-head sink over per-query index lists (dsv4-layers.md 3.6).
+
+Same contract and math as ``dsv4lab.kernels.reference.attention.sparse_attention_with_sink`` (and the Triton backend):
+
+    l_u    = scale * q[t,h] . kv[idx[t,u]]                      (fp32 accumulate; V = K)
+    p_u    = exp(l_u) / (sum_u' exp(l_u') + exp(sink[h]))
+    o[t,h] = sum_u p_u kv[idx[t,u]]                             (bf16; a row with no candidate gives 0)
+
+Design. One CTA per (token, tile of BLOCK_H = 64 heads): all 64 Flash heads of a token are one wgmma M = 64, so each
+K row is gathered once per token. The CTA walks the token's index list in chunks of BLOCK_N entries:
+
+1. gather K rows [BLOCK_N, d] by index into shared memory with cp.async (TMA cannot gather rows), software-pipelined
+   ``STAGES`` deep by ``T.Pipelined`` (the gather of chunk c+1 is in flight while chunk c is multiplied);
+2. S = Q @ K^T [BLOCK_H, BLOCK_N] on wgmma, Q staged once in shared memory;
+3. online softmax in the log2 domain (logits pre-multiplied by scale * log2 e); the running max starts at the sink
+   logit, so it is never -inf while the sink is finite; masked entries (-1 or >= N) are -inf and their K row is
+   zero-filled (p = 0 and a zero row: nothing enters l or acc, whatever the kv rows hold);
+4. P is rounded to bf16 and staged in shared memory, acc [BLOCK_H, d] = acc * alpha + P @ K (the same K tile: V = K).
+
+With 256 threads (2 warpgroups) TileLang partitions both GEMMs along N: for S each warpgroup computes half of the
+BLOCK_N columns (S is computed once per chunk, no duplicate QK^T), for P @ K each owns half of the d = 512 output
+columns (64 x 256 fp32 = 128 registers per thread), the "split-d" layout of FlashMLA's two consumer warpgroups. Row
+max / row sum cross the two warpgroups through TileLang's fragment reductions. Shared memory at d = 512, BLOCK_N = 64,
+STAGES = 2: Q 64 KiB + 2 x 64 KiB of K + P 8 KiB = 200 KiB (of 227 KiB).
+
+Epilogue: ``o = acc / (l + exp2(sink - m))`` (0 where the denominator is 0: sink -inf and no candidate), bf16.
+
+Trim: the launcher computes, per token, the number of chunks up to the last valid entry (``chunks_per_token``); the
+kernel loops only over those (at least one, so a row with no candidate still runs the epilogue and writes 0). This is
+what the Triton kernel's in-kernel scan does: the causal -1 tail of early tokens' lists costs no gathers or MMAs.
+
+Precision: q, K bf16 into wgmma with fp32 accumulation, p rounded to bf16 before P @ K (relative error <= 2^-9 per
+weight), fp32 softmax statistics, one bf16 rounding of o. Same as the Triton kernel on the GPU.
+
+TileLang is imported lazily (``compile_kernel``): ``import dsv4lab`` never needs it. Inputs are checked before any
+compile or launch. The kernel runs on CUDA only; CPU tests check an emulation of this algorithm and the sm_90a
+compile (tests/test_sparse_attention_tilelang.py).
+"""
+# no `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations of a prim_func in the builder's
+# scope (shapes are closure variables), which postponed annotations would break.
+import functools
+import math
+
+import torch
+
+from ..reference import _checks as chk
+from ..reference._attn_checks import ANY_FLOAT, check_tensor
+
+LOG2E = 1.4426950408889634
+BLOCK_H = 64            # heads per CTA: wgmma M
+BLOCK_N = 64            # index entries (K rows) per chunk
+STAGES = 2              # cp.async gather pipeline depth
+THREADS = 256           # 2 warpgroups: each owns half of S's columns and half of the output dims
+SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
+MAX_HEAD_DIM = 512
+
+
+def smem_bytes(d: int, block_h: int = BLOCK_H, block_n: int = BLOCK_N, stages: int = STAGES) -> int:
+    """Shared memory of the kernel's main buffers: Q tile, ``stages`` K tiles and the bf16 P tile."""
+    return 2 * (block_h * d + stages * block_n * d + block_h * block_n)
+
+
+def sparse_attention_func(n_heads: int, d: int, n_cand: int, scale: float, block_h: int = BLOCK_H,
+                          block_n: int = BLOCK_N, stages: int = STAGES, threads: int = THREADS):
+    """The prim_func for ``n_heads`` heads of width ``d`` and index lists of length ``n_cand``; the token count and
+    the kv row count are dynamic. Arguments: Q [T, H, d] bf16, KV [N, d] bf16, Idx [T, n_cand] int32, Sink [H] fp32,
+    Chunks [T] int32 (chunks to walk per token, >= 1), O [T, H, d] bf16."""
+    import tilelang.language as T
+
+    num_tokens = T.dynamic("num_tokens")
+    n_rows = T.dynamic("n_rows")
+    head_tiles = -(-n_heads // block_h)
+    scale_log2e = float(scale) * LOG2E
+    neg_inf = -float("inf")
+    bf16, f32, i32 = "bfloat16", "float32", "int32"
+
+    @T.prim_func
+    def kernel(Q: T.Tensor((num_tokens, n_heads, d), bf16), KV: T.Tensor((n_rows, d), bf16),
+               Idx: T.Tensor((num_tokens, n_cand), i32), Sink: T.Tensor((n_heads,), f32),
+               Chunks: T.Tensor((num_tokens,), i32), O: T.Tensor((num_tokens, n_heads, d), bf16)):
+        with T.Kernel(num_tokens, head_tiles, threads=threads) as (tok, hb):
+            q_s = T.alloc_shared((block_h, d), bf16)
+            k_s = T.alloc_shared((block_n, d), bf16)
+            p_s = T.alloc_shared((block_h, block_n), bf16)
+            acc = T.alloc_fragment((block_h, d), f32)
+            s = T.alloc_fragment((block_h, block_n), f32)
+            sink_l = T.alloc_fragment((block_h,), f32)
+            m = T.alloc_fragment((block_h,), f32)
+            m_prev = T.alloc_fragment((block_h,), f32)
+            m_safe = T.alloc_fragment((block_h,), f32)
+            alpha = T.alloc_fragment((block_h,), f32)
+            l = T.alloc_fragment((block_h,), f32)
+            row_sum = T.alloc_fragment((block_h,), f32)
+
+            for h, j in T.Parallel(block_h, d):
+                q_s[h, j] = T.if_then_else(hb * block_h + h < n_heads, Q[tok, hb * block_h + h, j], T.cast(0, bf16))
+            for h in T.Parallel(block_h):
+                # padded heads get a -inf sink: their rows stay finite (m_safe) and are never stored
+                sink_l[h] = T.if_then_else(hb * block_h + h < n_heads,
+                                           Sink[T.min(hb * block_h + h, n_heads - 1)] * LOG2E, neg_inf)
+                m[h] = sink_l[h]
+                l[h] = 0.0
+            T.fill(acc, 0.0)
+
+            for c in T.Pipelined(Chunks[tok], num_stages=stages):
+                # gather: a masked entry (-1, >= N, past the list) is sent to row n_rows; TileLang's bound check on
+                # KV turns that into a zero-filling cp.async (src-size 0), so the tile row is 0 and no byte is read.
+                # (An explicit if_then_else(valid, KV[..], 0) is not lowered to cp.async and stalls the pipeline.)
+                for u, j in T.Parallel(block_n, d):
+                    row = T.if_then_else(c * block_n + u < n_cand, Idx[tok, T.min(c * block_n + u, n_cand - 1)], -1)
+                    k_s[u, j] = KV[T.if_then_else((row >= 0) & (row < n_rows), row, n_rows), j]
+                T.gemm(q_s, k_s, s, transpose_B=True, clear_accum=True)
+                for h, u in T.Parallel(block_h, block_n):
+                    row = T.if_then_else(c * block_n + u < n_cand, Idx[tok, T.min(c * block_n + u, n_cand - 1)], -1)
+                    s[h, u] = T.if_then_else((row >= 0) & (row < n_rows), s[h, u] * scale_log2e, neg_inf)
+                T.copy(m, m_prev)
+                T.reduce_max(s, m, dim=1, clear=False)          # m = max(m_prev, max_u s)
+                for h in T.Parallel(block_h):
+                    m_safe[h] = T.if_then_else(m[h] == neg_inf, 0.0, m[h])   # only while the sink is -inf too
+                    alpha[h] = T.exp2(m_prev[h] - m_safe[h])
+                for h, u in T.Parallel(block_h, block_n):
+                    s[h, u] = T.exp2(s[h, u] - m_safe[h])
+                T.reduce_sum(s, row_sum, dim=1)
+                for h in T.Parallel(block_h):
+                    l[h] = l[h] * alpha[h] + row_sum[h]
+                T.copy(s, p_s)
+                for h, j in T.Parallel(block_h, d):
+                    acc[h, j] *= alpha[h]
+                T.gemm(p_s, k_s, acc)
+
+            for h in T.Parallel(block_h):
+                m_safe[h] = T.if_then_else(m[h] == neg_inf, 0.0, m[h])
+                row_sum[h] = l[h] + T.exp2(sink_l[h] - m_safe[h])
+                row_sum[h] = T.if_then_else(row_sum[h] > 0, row_sum[h], 1.0)
+            for h, j in T.Parallel(block_h, d):
+                if hb * block_h + h < n_heads:
+                    O[tok, hb * block_h + h, j] = T.cast(acc[h, j] / row_sum[h], bf16)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_attention_kernel(n_heads: int, d: int, n_cand: int, scale: float, arch: str = "sm_90a",
+                            block_n: int = BLOCK_N, stages: int = STAGES):
+    """``sparse_attention_func`` compiled for ``arch`` (cached per static shape and scale)."""
+    from ._mhc_common import compile_kernel
+
+    return compile_kernel(sparse_attention_func(n_heads, d, n_cand, scale, block_n=block_n, stages=stages), arch)
+
+
+def chunks_per_token(idx: torch.Tensor, n_rows: int, block_n: int = BLOCK_N) -> torch.Tensor:
+    """int32 [T]: chunks of ``block_n`` entries up to each list's last valid entry (at least 1)."""
+    pos = torch.arange(1, idx.shape[1] + 1, device=idx.device, dtype=torch.int32)
+    valid = (idx >= 0) & (idx < n_rows)
+    end = torch.where(valid, pos, 0).amax(dim=1) if idx.shape[1] else idx.new_zeros(idx.shape[0], dtype=torch.int32)
+    return ((end + block_n - 1) // block_n).clamp(min=1).to(torch.int32)
+
+
+def _check_args(q, kv, idx, sink, scale) -> None:
+    check_tensor("q", q, dtypes=(torch.bfloat16,), ndim=3)
+    T_, H, d = q.shape
+    check_tensor("kv", kv, dtypes=(torch.bfloat16,), shape=(None, d))
+    check_tensor("idx", idx, dtypes=(torch.int64, torch.int32), shape=(T_, None))
+    check_tensor("sink", sink, dtypes=ANY_FLOAT, shape=(H,))
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise TypeError(f"scale: expected a finite python float, got {scale!r}")
+    if d % 64 or not 64 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q: the TileLang backend needs a head dim that is a multiple of 64 in [64, {MAX_HEAD_DIM}], "
+                         f"got {d}")
+    devices = {t.device for t in (q, kv, idx, sink)}
+    if len(devices) != 1:
+        raise ValueError(f"q, kv, idx, sink: expected one device, got {sorted(map(str, devices))}")
+    chk.index_range("idx", idx, -1, kv.shape[0], "entries (rows of kv, -1 = masked)")
+    if q.device.type != "cuda":
+        raise ValueError(f"q: the TileLang backend needs CUDA tensors, got {q.device}")
+
+
+def sparse_attention_with_sink(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """TileLang backend of ``sparse_attention``: ``o`` [T, H, d] bf16 (see the module docstring).
+
+    Input contract: ``q`` [T, H, d] bf16 (d a multiple of 64, <= 512), ``kv`` [N, d] bf16 (K = V), ``idx`` [T, M]
+    int32/int64 (-1 = masked; duplicates count twice), ``sink`` [H] float, ``scale`` a python float; CUDA tensors
+    on one device (Hopper: the kernel is compiled for sm_90a).
+    """
+    _check_args(q, kv, idx, sink, scale)
+    return launch(q, kv, idx, sink, scale)
+
+
+def launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """The launch after ``_check_args``: empty cases, operand layout (int32 idx, fp32 sink, contiguous), per-token
+    chunk counts, then the compiled kernel ``(Q, KV, Idx, Sink, Chunks, O)``. Split out so CPU tests can run it
+    with the kernel replaced by an emulation."""
+    T_, H, d = q.shape
+    N, M = kv.shape[0], idx.shape[1]
+    out = torch.empty(T_, H, d, dtype=torch.bfloat16, device=q.device)
+    if T_ == 0 or H == 0:
+        return out
+    if M == 0 or N == 0:        # no candidate anywhere: every output row is 0 (sink only, zero value vector)
+        return out.zero_()
+    q = q.contiguous()
+    kv = kv.contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    chunks = chunks_per_token(idx, N)
+    kernel = sparse_attention_kernel(H, d, M, float(scale))
+    kernel(q, kv, idx, sink.float().contiguous(), chunks, out)
+    return out

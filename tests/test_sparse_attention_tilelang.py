@@ -1,0 +1,284 @@
+"""TileLang sparse attention (Hopper): what can be checked without a GPU.
+
+1. An emulation of the kernel's exact algorithm (chunks of BLOCK_N gathered rows with zero-filled masked rows, S in
+   fp32, log2-domain online softmax with the running max starting at the sink, p rounded to bf16, the output
+   accumulator split in two d-halves as the two consumer warpgroups hold it, epilogue acc / (l + 2^(sink - m))),
+   run through the real launcher (``launch``: chunk counts, operand layout, empty cases) against a float64 oracle.
+2. The sm_90a compile (needs tilelang + nvcc): wgmma for both GEMMs, zero-filling cp.async for the gather, a
+   pipelined loop, no register spills, dynamic shared memory within the H100's 227 KiB.
+3. Input contracts: bad input raises before any compile.
+
+Not checked here: the kernel's numerics on a GPU (bench/attention_kernels.py, variant prefill-sweep-*-tilelang).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from _attn_oracles import assert_within
+from dsv4lab.kernels import registry
+from dsv4lab.kernels.tilelang import sparse_attention as TLSA
+
+ARCH = "sm_90a"
+SCALE = 512 ** -0.5
+
+
+def _have_tilelang() -> bool:
+    try:
+        import tilelang  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_compiler = pytest.mark.skipif(
+    not (_have_tilelang() and shutil.which("nvcc")),
+    reason="needs tilelang (pip install tilelang==0.1.15) and nvcc on PATH to compile for sm_90a")
+
+
+# ---- float64 oracle (per token, per listed entry; independent of the chunked algorithm) -------------------------
+def oracle64(q, kv, idx, sink, scale):
+    """Softmax over the listed rows of each token (entries outside [0, N) dropped, duplicates kept) plus the sink."""
+    T, H, d = q.shape
+    out = torch.zeros(T, H, d, dtype=torch.float64)
+    for t in range(T):
+        rows = [int(r) for r in idx[t] if 0 <= int(r) < kv.shape[0]]
+        keys = kv[rows].double() if rows else torch.zeros(0, d, dtype=torch.float64)
+        logits = q[t].double() @ keys.T * scale                                 # [H, n]
+        full = torch.cat([logits, sink.double()[:, None]], 1)
+        m = full.amax(1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(logits - m)
+        den = e.sum(1, keepdim=True) + torch.exp(sink.double()[:, None] - m)
+        out[t] = torch.where(den > 0, (e @ keys) / den, torch.zeros(H, d, dtype=torch.float64))
+    return out
+
+
+def bound(o64, kv):
+    """bf16 output rounding (half an ulp, <= 2^-8 |o|); p rounded to bf16 before P @ K (<= 2^-9 relative per weight,
+    so <= 2^-9 max|K| in o); fp32 dot products and sums (~1e-5 max|K| covers 512-term fp32 sums); a floor of the
+    smallest bf16 subnormal step for exact zeros."""
+    kmax = kv.double().abs().max() if kv.numel() else torch.tensor(0.0, dtype=torch.float64)
+    return 2.0 ** -8 * o64.abs() + (2.0 ** -9 + 1e-5) * kmax + 2.0 ** -133
+
+
+# ---- the kernel's algorithm, on CPU tensors ------------------------------------------------------------------
+def emulated_kernel(n_heads, d, n_cand, scale, block_n=TLSA.BLOCK_N):
+    """A callable with the compiled kernel's positional signature ``(Q, KV, Idx, Sink, Chunks, O)`` doing the
+    kernel's algorithm step by step; it asserts the operand dtypes / shapes the prim_func declares."""
+    log2e = TLSA.LOG2E
+
+    def run(Q, KV, Idx, Sink, Chunks, O):
+        T = Q.shape[0]
+        assert Q.dtype == KV.dtype == O.dtype == torch.bfloat16 and Q.shape == O.shape == (T, n_heads, d)
+        assert Idx.dtype == Chunks.dtype == torch.int32 and Idx.shape == (T, n_cand) and Chunks.shape == (T,)
+        assert Sink.dtype == torch.float32 and Sink.shape == (n_heads,) and KV.shape[1] == d
+        assert all(t.is_contiguous() for t in (Q, KV, Idx, Sink, Chunks, O))
+        n_rows = KV.shape[0]
+        half = d // 2
+        for tok in range(T):
+            for hb in range(0, n_heads, TLSA.BLOCK_H):
+                heads = slice(hb, min(hb + TLSA.BLOCK_H, n_heads))
+                q = Q[tok, heads].float()
+                sink_l = Sink[heads] * log2e
+                m = sink_l.clone()
+                l = torch.zeros_like(m)
+                acc = [torch.zeros(q.shape[0], half), torch.zeros(q.shape[0], half)]   # two consumer warpgroups
+                for c in range(int(Chunks[tok])):
+                    pos = c * block_n + torch.arange(block_n)
+                    row = torch.where(pos < n_cand, Idx[tok, pos.clamp(max=n_cand - 1)].long(), -1)
+                    valid = (row >= 0) & (row < n_rows)
+                    k = torch.zeros(block_n, d, dtype=torch.bfloat16)                   # zero-filled cp.async
+                    k[valid] = KV[row[valid]]
+                    s = q @ k.float().T                                                 # wgmma, fp32 accumulate
+                    s = torch.where(valid[None, :], s * (scale * log2e), float("-inf"))
+                    m_prev = m
+                    m = torch.maximum(m_prev, s.amax(1))
+                    m_safe = torch.where(m == float("-inf"), 0.0, m)
+                    alpha = torch.exp2(m_prev - m_safe)
+                    p = torch.exp2(s - m_safe[:, None])
+                    l = l * alpha + p.sum(1)
+                    p16 = p.to(torch.bfloat16).float()                                  # P staged as bf16
+                    for w in range(2):
+                        acc[w] = acc[w] * alpha[:, None] + p16 @ k[:, w * half:(w + 1) * half].float()
+                m_safe = torch.where(m == float("-inf"), 0.0, m)
+                den = l + torch.exp2(sink_l - m_safe)
+                den = torch.where(den > 0, den, 1.0)
+                O[tok, heads] = (torch.cat(acc, 1) / den[:, None]).to(torch.bfloat16)
+
+    return run
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """``TLSA.launch`` runs on CPU tensors with the compiled kernel replaced by the emulation."""
+    monkeypatch.setattr(TLSA, "sparse_attention_kernel", lambda H, d, M, scale, *a, **k: emulated_kernel(H, d, M, scale))
+
+
+def make(T, H, d, N, M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, d, generator=g).to(torch.bfloat16)                 # unit-RMS heads and K rows
+    kv = torch.randn(N, d, generator=g).to(torch.bfloat16)
+    idx = torch.randint(-1, N, (T, M), generator=g)
+    sink = 0.5 * torch.randn(H, generator=g)
+    return q, kv, idx, sink
+
+
+def run_and_check(q, kv, idx, sink, what):
+    o = TLSA.launch(q, kv, idx, sink, SCALE)
+    assert o.dtype == torch.bfloat16 and o.shape == q.shape
+    o64 = oracle64(q, kv, idx, sink, SCALE)
+    assert_within(o, o64, bound(o64, kv), what)
+    return o
+
+
+@pytest.mark.usefixtures("emulated")
+def test_partial_last_chunk_and_trailing_padding():
+    """M = 150: two full chunks and a partial third; causal-style -1 tails of varying length (the trim stops
+    early); a duplicated entry counts twice."""
+    q, kv, idx, sink = make(5, 64, 128, 300, 150, seed=1)
+    idx[1, 40:] = -1                   # one chunk walked
+    idx[2, 129:] = -1                  # 3 chunks, the last with one valid entry
+    idx[3, :] = 7                      # every entry the same row
+    run_and_check(q, kv, idx, sink, "partial chunks")
+
+
+@pytest.mark.usefixtures("emulated")
+def test_empty_rows_and_sink_extremes():
+    """An all -1 row gives exactly 0 (finite sink and -inf sink); a -inf sink with candidates is plain softmax; a
+    huge sink (80) takes almost all the mass without overflow."""
+    q, kv, idx, sink = make(4, 64, 64, 40, 70, seed=2)
+    sink[0], sink[1], sink[2] = float("-inf"), 80.0, -80.0
+    idx[0] = -1
+    idx[2, 5:] = -1
+    o = run_and_check(q, kv, idx, sink, "edges")
+    assert bool((o[0] == 0).all())
+    assert bool(torch.isfinite(o.float()).all())
+
+
+@pytest.mark.usefixtures("emulated")
+def test_pro_heads_two_head_tiles_and_csa_like_lists():
+    """H = 96: a full head tile and a partial one (padded heads masked by a -inf sink and never stored); lists
+    shaped like CSA (window rows then compressed entries with a -1 tail)."""
+    T, N = 6, 200
+    q, kv, idx, sink = make(T, 96, 64, N, 80, seed=3)
+    idx[:, :16] = torch.arange(16)[None, :] + torch.arange(T)[:, None]
+    for t in range(T):
+        idx[t, 16 + 10 * t:] = -1
+    run_and_check(q, kv, idx, sink, "two head tiles")
+
+
+def test_chunks_per_token_hand_computed():
+    idx = torch.tensor([[-1, -1, -1, -1, -1],
+                        [3, -1, -1, -1, -1],
+                        [-1, -1, -1, -1, 2],
+                        [0, 1, 9, -1, -1]])    # 9 >= N: not a valid entry
+    assert TLSA.chunks_per_token(idx, n_rows=5, block_n=2).tolist() == [1, 1, 3, 1]
+    assert TLSA.chunks_per_token(idx[:, :0], n_rows=5, block_n=2).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.usefixtures("emulated")
+def test_out_of_range_rows_masked_by_the_kernel():
+    """The launcher's range check rejects entries >= N; the kernel itself (here its emulation, called directly)
+    masks them like -1, as the gather's zero fill does."""
+    q, kv, idx, sink = make(3, 64, 64, 30, 64, seed=4)
+    idx[0, ::3] = 30
+    idx[1, :] = 31
+    o = torch.empty_like(q)
+    TLSA.sparse_attention_kernel(64, 64, 64, SCALE)(q, kv, idx.to(torch.int32), sink, TLSA.chunks_per_token(idx, 30), o)
+    o64 = oracle64(q, kv, idx, sink, SCALE)
+    assert_within(o, o64, bound(o64, kv), "out-of-range rows")
+    assert bool((o[1] == 0).all())
+
+
+@pytest.mark.usefixtures("emulated")
+def test_empty_shapes():
+    q, kv, idx, sink = make(0, 64, 64, 10, 5)
+    assert TLSA.launch(q, kv, idx, sink, SCALE).shape == (0, 64, 64)
+    q, kv, idx, sink = make(2, 64, 64, 10, 0)
+    assert bool((TLSA.launch(q, kv, idx, sink, SCALE) == 0).all())
+
+
+# ---- input contracts -----------------------------------------------------------------------------------------
+@pytest.fixture
+def no_compile(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a kernel was compiled before the input check failed")
+    monkeypatch.setattr(TLSA, "sparse_attention_kernel", boom)
+
+
+@pytest.mark.usefixtures("no_compile")
+@pytest.mark.parametrize("case, exc, match", [
+    ("cpu", ValueError, "q: the TileLang backend needs CUDA tensors"),
+    ("q_fp32", TypeError, "q: expected dtype"),
+    ("kv_width", ValueError, "kv: expected shape"),
+    ("idx_float", TypeError, "idx: expected dtype"),
+    ("sink_shape", ValueError, "sink: expected shape"),
+    ("head_dim", ValueError, "q: the TileLang backend needs a head dim"),
+    ("scale", TypeError, "scale: expected a finite python float"),
+    ("idx_range", ValueError, "idx"),
+])
+def test_contract(case, exc, match):
+    q, kv, idx, sink = make(2, 64, 64, 10, 5)
+    scale = SCALE
+    if case == "q_fp32":
+        q = q.float()
+    elif case == "kv_width":
+        kv = kv[:, :32]
+    elif case == "idx_float":
+        idx = idx.float()
+    elif case == "sink_shape":
+        sink = sink[:3]
+    elif case == "head_dim":
+        q, kv = q[..., :48], kv[:, :48]
+    elif case == "scale":
+        scale = torch.tensor(SCALE)
+    elif case == "idx_range":
+        idx[0, 0] = 10
+    with pytest.raises(exc, match=match):
+        TLSA.sparse_attention_with_sink(q, kv, idx, sink, scale)
+
+
+def test_registered_as_tilelang_backend():
+    entry = registry._TABLE["sparse_attention"]["tilelang"]
+    assert entry.target.endswith("tilelang.sparse_attention:sparse_attention_with_sink")
+    ok, why = registry.availability("sparse_attention", "tilelang")
+    assert not ok or torch.cuda.is_available(), why
+
+
+# ---- sm_90a compile --------------------------------------------------------------------------------------------
+def _ptxas_usage(src: str) -> str:
+    """``ptxas -v`` of the generated CUDA source, built as TileLang builds it (its templates + CUTLASS headers)."""
+    import tilelang
+
+    root = Path(tilelang.__file__).parent
+    work = Path(__import__("tempfile").mkdtemp())
+    (work / "k.cu").write_text(src)
+    res = subprocess.run(["nvcc", f"-arch={ARCH}", "-std=c++17", "-cubin", "-O3", "-w", "--expt-relaxed-constexpr",
+                          "-Xptxas", "-v", f"-I{root / 'src'}", f"-I{root / '3rdparty/cutlass/include'}",
+                          "-o", str(work / "k.cubin"), str(work / "k.cu")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stderr
+
+
+@needs_compiler
+@pytest.mark.parametrize("n_heads, n_cand", [(64, 640), (128, 192)])   # Flash CSA at T = 8192; Pro heads, HCA
+def test_compiles_to_wgmma_and_zero_filling_cp_async(n_heads, n_cand):
+    kernel = TLSA.sparse_attention_kernel(n_heads, 512, n_cand, SCALE, ARCH)
+    src = kernel.get_kernel_source()
+    # S = Q K^T: each of the 2 warpgroups computes 32 of the 64 columns; P @ K: each owns 256 of the 512 output dims
+    assert "kBFloat16, tl::DataType::kFloat32, 64, 32, 16" in src
+    assert "kBFloat16, tl::DataType::kFloat32, 64, 256, 16" in src
+    # the row gather is a predicated cp.async (src-size 0 -> zero fill) issued one chunk ahead of its use
+    assert "cp_async_gs_conditional<16>" in src and "cp_async_commit" in src and "cp_async_wait<1>" in src
+    assert re.search(r"cp_async_gs_conditional<16>\([^;]*KV\[[^;]*< n_rows\)", src)
+    # dynamic shared memory: Q + 2 K stages + P + reduction workspaces, within the 227 KiB opt-in limit
+    smem = [int(v) for v in re.findall(r"v_int64\) = \(\(int64_t\)(\d{5,6})\)", kernel.get_host_source())]
+    assert smem and TLSA.smem_bytes(512) <= max(smem) <= TLSA.SMEM_LIMIT
+    usage = _ptxas_usage(src)
+    assert "0 bytes spill stores, 0 bytes spill loads" in usage, usage
