@@ -260,6 +260,92 @@ def run_smoke(dev: str, timeout: float) -> dict[str, str]:
     return status
 
 
+# ---- TileLang sparse attention prefill (dsv4lab/kernels/tilelang/sparse_attention.py) ------------------------
+TL_PREFILL_T = 8192
+_TL_CHILD = r"""
+import sys, torch
+sys.path.insert(0, {repo!r})
+from dsv4lab.kernels.tilelang import sparse_attention as TLSA
+for M in {ms!r}:
+    print("TL-START", M, flush=True)
+    TLSA.sparse_attention_kernel({h}, {d}, M, {scale!r})        # compile (fills TileLang's disk cache)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(64, {h}, {d}, device="cuda", generator=g).to(torch.bfloat16)
+    kv = torch.randn(4096, {d}, device="cuda", generator=g).to(torch.bfloat16)
+    idx = torch.randint(-1, 4096, (64, M), device="cuda", generator=g, dtype=torch.int32)
+    o = TLSA.sparse_attention_with_sink(q, kv, idx, torch.randn({h}, device="cuda", generator=g), {scale!r})
+    torch.cuda.synchronize()
+    print("TL-OK", M, bool(torch.isfinite(o.float()).all()), flush=True)
+"""
+
+
+def tilelang_prefill_cases(dev, dry, left, rec, error, skip, time_attn, summary, numerics, roofline, SA):
+    """TileLang backend of sparse_attention at T = 8192, CSA and HCA (variant prefill-sweep-<kind>-tilelang):
+    compile + a small launch in a subprocess first (a crash there cannot kill this run), then numerics vs the Triton
+    output (whole tensor) and vs the float64 oracle on sampled rows, and time (same roofline cost as the Triton
+    rows; ``kernel_only_p50_us``: the compiled kernel without the launcher's per-token chunk count)."""
+    import torch
+
+    from dsv4lab.kernels import registry
+
+    kinds = ("csa", "hca")
+    ok, why = registry.availability("sparse_attention", "tilelang")
+    if dry or not ok:
+        for kind in kinds:
+            skip("sparse_attention", f"prefill-sweep-{kind}-tilelang", TL_PREFILL_T, "CPU dry run" if dry else why)
+        return
+    if left() < 45:
+        for kind in kinds:
+            skip("sparse_attention", f"prefill-sweep-{kind}-tilelang", TL_PREFILL_T, "budget")
+        return
+    T, scale = TL_PREFILL_T, D_HEAD ** -0.5
+    n_cand = {"csa": W + min(K_I, T // 4), "hca": W + T // 128}
+    code = _TL_CHILD.format(repo=str(REPO), ms=[n_cand[k] for k in kinds], h=H, d=D_HEAD, scale=scale)
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=max(10.0, min(60.0, left() - 40)))
+        out, tail = res.stdout, (res.stderr or "")[-600:]
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or ""
+        tail = "timeout"
+    for kind in kinds:
+        variant = f"prefill-sweep-{kind}-tilelang"
+        if f"TL-OK {n_cand[kind]} True" not in out:
+            error("sparse_attention", variant, T, RuntimeError(f"compile/smoke subprocess: {out[-300:]} {tail}"))
+            continue
+        if left() < 40:
+            skip("sparse_attention", variant, T, "budget")
+            continue
+        try:
+            from dsv4lab.kernels.tilelang import sparse_attention as TLSA
+
+            q, kv, idx, sink, r = attention_inputs(T, kind, dev, seed=1)        # the Triton prefill rows' inputs
+            cost = roofline.cost("sparse_attention_prefill", T=T, H=H, r=r, d=D_HEAD, W=W, K_I=K_I if r == 4 else None)
+            o_tl = TLSA.sparse_attention_with_sink(q, kv, idx, sink, scale)
+            o_tri = SA.sparse_attention_with_sink(q, kv, idx, sink, scale)
+            rows = torch.linspace(0, T - 1, 16, device=dev).long()
+            c = numerics.compare(oracle_rows(q, kv, idx, sink, scale, rows), o_tri[rows], o_tl[rows])
+            vs_tri = float((o_tl.float() - o_tri.float()).abs().max())
+            nonfinite = int((~torch.isfinite(o_tl.float())).sum())
+            rec("sparse_attention", "tilelang", variant, T, "max_abs_vs_triton", "1", vs_tri, nonfinite=nonfinite,
+                oracle_max_abs=c.max_abs, triton_oracle_max_abs=c.eager_max_abs, err_ratio_vs_triton=c.err_ratio,
+                oracle_passed=c.passed, rows_sampled=16)
+            chunks = TLSA.chunks_per_token(idx, kv.shape[0])
+            kern = TLSA.sparse_attention_kernel(H, D_HEAD, idx.shape[1], float(scale))
+            o_buf = torch.empty_like(q)
+            t_k = time_attn(T, kind, variant + "-kernel-only", lambda: kern(q, kv, idx, sink, chunks, o_buf), cost,
+                            cost.bytes, backend="tilelang")[0]
+            t, rr = time_attn(T, kind, variant, lambda: TLSA.sparse_attention_with_sink(q, kv, idx, sink, scale),
+                              cost, cost.bytes, backend="tilelang", config="tilelang-h64n64s2", is_default=False,
+                              max_abs_vs_triton=vs_tri, kernel_only_p50_us=t_k.p50)
+            summary.append(f"  tilelang prefill {kind} T={T}: {t.p50:9.1f} us (kernel {t_k.p50:.1f}) "
+                           f"{rr['tflops']:7.1f} TFLOP/s ({rr.get('pct_bf16_peak', float('nan')):.1f}%) "
+                           f"max|tl-tri| {vs_tri:.3g} err_ratio vs triton {c.err_ratio} nonfinite {nonfinite}")
+            del q, kv, idx, o_tl, o_tri, o_buf
+        except Exception as e:
+            error("sparse_attention", variant, T, e)
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -500,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     error("sparse_attention", f"prefill-sweep-{kind}-{name}", q.shape[0], e)
         prefill_inputs.clear()
+        tilelang_prefill_cases(dev, dry, left, rec, error, skip, time_attn, summary, numerics, roofline, SA)
 
     if "sparse_attention_decode" in ok:
         sweep_t0 = time.perf_counter()
