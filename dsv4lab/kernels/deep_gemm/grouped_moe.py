@@ -29,6 +29,9 @@ sync (CUDA-graph capturable with ``validate_ids=False``); above ``static_m_max_t
 routed group (one sync) and the shared slices are split into ceil(T / M_max) groups whose B operand repeats the
 shared weights (``masked_experts``, cached). Both layouts compute every valid row with the same per-row math and use
 the same combine kernel, so they agree bitwise whenever DeepGEMM's two kernels do.
+GEMV path (``layout='gemv'``, or ``LAYOUT_POLICY['gemv_max_tokens']``, off by default): for tiny decode batches
+``triton/moe_gemv.py`` reads only the touched experts' weights (DeepGEMM's masked kernel walks every group), same
+x quantisation, SwiGLU-quant and combine; GEMM sums in another order, so ulp-level differences, not bitwise.
 DeepGEMM is imported lazily (it cannot be imported on a CPU machine); ``grouped_gemm=`` and ``alignment=``
 let the CPU tests drive the same bookkeeping with an emulated GEMM.
 """
@@ -55,13 +58,17 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 #   masked  if T <= masked_max_tokens, or masked_min_tokens is not None and T >= masked_min_tokens; else contiguous
 #   static_m_max_tokens: up to this T the masked M_max is align(T, 128) (no host sync), above it the largest group's
 #   expected_m: DeepGEMM's block-size hint for the masked kernel; None = ceil(T * k / E) (the mean routed group)
+#   gemv_max_tokens: up to this T the Triton weight-streaming GEMV path (triton/moe_gemv.py) instead of any grouped
+#   layout; 0 = off until the H100 records (bench/pr44367_megamoe.py, variants gemv_fp8*) show it wins
 LAYOUT_POLICY: dict = {"masked_max_tokens": 64, "masked_min_tokens": None, "static_m_max_tokens": 256,
-                       "expected_m": None}
+                       "expected_m": None, "gemv_max_tokens": 0}
 
 
 def layout_for(tokens: int, policy: dict | None = None) -> str:
-    """'masked' or 'contiguous' for a batch of ``tokens`` under ``policy`` (default ``LAYOUT_POLICY``)."""
+    """'gemv', 'masked' or 'contiguous' for a batch of ``tokens`` under ``policy`` (default ``LAYOUT_POLICY``)."""
     p = LAYOUT_POLICY if policy is None else policy
+    if 0 < tokens <= p.get("gemv_max_tokens", 0):
+        return "gemv"
     if tokens <= p["masked_max_tokens"] or (p["masked_min_tokens"] is not None and tokens >= p["masked_min_tokens"]):
         return "masked"
     return "contiguous"
@@ -331,8 +338,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
                     masked_gemm: MaskedGemm | None = None, m_max: int | None = None, expected_m: int | None = None,
                     validate_ids: bool = True, policy: dict | None = None) -> torch.Tensor:
     """Steps 1-6 of the module docstring -> [T, D] in x's dtype. ``x_quant`` = (e4m3 [T, D], fp32 [T, D/128])
-    skips step 1 (MegaMoE stages x in its symmetric buffer already quantised). ``layout``: 'contiguous', 'masked'
-    or None (``layout_for(T, policy)``; contiguous when only ``grouped_gemm`` is overridden). ``validate_ids=False``
+    skips step 1 (MegaMoE stages x in its symmetric buffer already quantised). ``layout``: 'contiguous', 'masked',
+    'gemv' (triton/moe_gemv.py: no grouped GEMM) or None (``layout_for(T, policy)``; contiguous when only ``grouped_gemm`` is overridden). ``validate_ids=False``
     skips the host-side id checks (no device sync: the masked path is then CUDA-graph capturable; bad ids are
     dropped instead of raising)."""
     chk.tensor("x", x, chk.FLOAT_DTYPES, dim=2)
@@ -349,11 +356,17 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
     t = x.shape[0]
     if layout is None:
         layout = "contiguous" if (grouped_gemm is not None and masked_gemm is None) else layout_for(t, policy)
-    if layout not in ("contiguous", "masked"):
-        raise ValueError(f"layout: expected 'contiguous', 'masked' or None, got {layout!r}")
+    if layout not in ("contiguous", "masked", "gemv"):
+        raise ValueError(f"layout: expected 'contiguous', 'masked', 'gemv' or None, got {layout!r}")
     if t == 0:
         return torch.empty_like(x)
     x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
+    if layout == "gemv":   # ids already checked above when validate_ids
+        from ..triton.moe_gemv import moe_gemv
+
+        return moe_gemv(x_q.contiguous(), x_sf.contiguous(), weights.float().contiguous(), ids.contiguous(),
+                        experts.w13, experts.w13_sf, experts.w2, experts.w2_sf, n_routed=experts.n_routed,
+                        swiglu_limit=limit, out_dtype=x.dtype, validate_ids=False)
     if layout == "masked":
         return _masked_forward(x, x_q, x_sf, weights, ids, experts, limit, masked_gemm or deep_gemm_masked, m_max,
                                expected_m, validate_ids, LAYOUT_POLICY if policy is None else policy)

@@ -38,6 +38,29 @@ _MAX_CHUNKS_PER_PROGRAM = 8         # 8 x 128 columns of h per program
 
 
 @triton.jit
+def swiglu_fp8_rows(gate, up, limit, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    """fp32 tiles [R, 128] of g and u -> (e4m3 q [R, 128], fp32 pow2 scale [R]): the math of the module docstring,
+    one 1x128 quantisation block per row. Shared with the decode MoE kernel (``moe_gemv``) so both give the same bits."""
+    # tl.minimum/maximum drop a NaN operand on the GPU (fmin/fmax); torch's clamp keeps it, and so must we: a NaN
+    # activation has to reach the output, not turn into +-limit
+    gate = tl.where(gate != gate, gate, tl.minimum(gate, limit))     # gate clamped from above only
+    up = tl.where(up != up, up, tl.minimum(tl.maximum(up, -limit), limit))
+    h = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
+    chunk_nan = tl.max((h != h).to(tl.int32), axis=1) > 0             # [R]: torch's amax would be NaN there
+
+    amax = tl.maximum(tl.max(tl.abs(h), axis=1), AMAX_FLOOR)          # [R]
+    abits = amax.to(tl.int32, bitcast=True)
+    # amax = 1.m * 2^e  ->  amax / 448 = (1.m / 1.75) * 2^(e-8)  ->  ceil(log2) = e - 8 + (1.m > 1.75)
+    exp = ((abits >> 23) & 0xFF) - 127 - 8 + ((abits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    scale = ((exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)      # exact: exp in [-22, 120]
+    scale = tl.where(chunk_nan, float("nan"), scale)
+    scaled = h * inv_scale[:, None]
+    scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
+    return _to_e4m3(scaled, SOFT_ROUND), scale
+
+
+@triton.jit
 def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, rows_ptr, q_ptr, scale_ptr, stride_row, inter, n_chunks,
                          limit, group_rows, CHUNKS: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_ROWS: tl.constexpr,
                          SCALE_MN_MAJOR: tl.constexpr, AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr):
@@ -58,23 +81,7 @@ def _swiglu_quant_kernel(gate_up_ptr, m_indices_ptr, rows_ptr, q_ptr, scale_ptr,
     gate = tl.load(base + col, mask=valid, other=0.0).to(tl.float32)
     up = tl.load(base + inter + col, mask=valid, other=0.0).to(tl.float32)
 
-    # tl.minimum/maximum drop a NaN operand on the GPU (fmin/fmax); torch's clamp keeps it, and so must we: a NaN
-    # activation has to reach the output, not turn into +-limit
-    gate = tl.where(gate != gate, gate, tl.minimum(gate, limit))     # gate clamped from above only
-    up = tl.where(up != up, up, tl.minimum(tl.maximum(up, -limit), limit))
-    h = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
-    chunk_nan = tl.max((h != h).to(tl.int32), axis=1) > 0             # [C]: torch's amax would be NaN there
-
-    amax = tl.maximum(tl.max(tl.abs(h), axis=1), AMAX_FLOOR)          # [C]
-    abits = amax.to(tl.int32, bitcast=True)
-    # amax = 1.m * 2^e  ->  amax / 448 = (1.m / 1.75) * 2^(e-8)  ->  ceil(log2) = e - 8 + (1.m > 1.75)
-    exp = ((abits >> 23) & 0xFF) - 127 - 8 + ((abits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    scale = ((exp + 127) << 23).to(tl.float32, bitcast=True)
-    inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)      # exact: exp in [-22, 120]
-    scale = tl.where(chunk_nan, float("nan"), scale)
-    scaled = h * inv_scale[:, None]
-    scaled = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -448.0), 448.0))
-    q = _to_e4m3(scaled, SOFT_ROUND)
+    q, scale = swiglu_fp8_rows(gate, up, limit, AMAX_FLOOR, SOFT_ROUND)
 
     in_row = (chunk < n_chunks)[:, None] & row_ok
     tl.store(q_ptr + row * inter + col, q, mask=in_row)
