@@ -22,6 +22,9 @@ seconds is recorded as metric="skipped"):
    default grouped_fp8, which follows grouped_moe.LAYOUT_POLICY: masked at T <= 64), touched-weight bandwidth
    (TB/s, pct_of_copy_peak); T <= 64: masked_fp8_graph (CUDA-graph replay, no host sync); T in {4096, 8192}: masked
    with expected_m = mean / 64 / 128 (masked_fp8, masked_fp8_em64, masked_fp8_em128). Summary lines "layouts ...".
+   After the first (decode) T of each preset: the Triton GEMV path at --gemv-tokens (default 1,4,8) with the policy
+   overridden (gemv_fp8 eager, gemv_fp8_graph and masked_fp8_graph_vs_gemv replayed; bandwidth; ulps vs masked).
+   Summary lines "gemv ...".
 4. MegaMoE: fp8_fp4_mega_moe -> "unavailable" (SM100 only); Hopper fp8_mega_moe on a world-size-1 NCCL group
    (multicast/NVLS off): timings + numerics, or the exact error the library raises (metric "error", with stage).
 DeepGEMM JIT-compiles each new kernel configuration at first use (NVCC; --nvrtc sets DG_JIT_USE_NVRTC=1); the
@@ -440,6 +443,75 @@ def layout_case(run: Run, state, preset: str, t: int, x, w, ids, y_default, peak
     run.lines.append(_layout_text(preset, t, row))
 
 
+GEMV_TOKENS = (1, 4, 8)         # decode T for the Triton GEMV path (grouped_moe.LAYOUT_POLICY['gemv_max_tokens'])
+
+
+def gemv_cases(run: Run, state, preset: str, tokens, peaks) -> None:
+    """The Triton GEMV decode path (triton/moe_gemv.py) with the policy overridden (gemv_max_tokens = max(tokens)), so
+    the default stays untouched: gemv_fp8 (eager, validated ids) and, on CUDA, gemv_fp8_graph (CUDA-graph replay,
+    validate_ids=False) next to masked_fp8_graph_vs_gemv (the masked path replayed the same way); touched-weight
+    bandwidth of each; bitwise / ulp histogram of gemv vs the masked output (ulp-level differences expected: GEMM
+    summation order). Each T in its own try/except."""
+    from dsv4lab.kernels.deep_gemm import grouped_moe as gm
+    from dsv4lab.lab import numerics, timing
+
+    experts, common = state["experts"], state["common"]
+    policy = dict(gm.LAYOUT_POLICY, gemv_max_tokens=max(tokens))
+    for t in tokens:
+        if run.left() < 8:
+            run.rec("moe_experts", "triton", "gemv_fp8", preset, t, "bfloat16", "skipped", None, None,
+                    reason=f"time budget: {run.left():.0f}s left", **common)
+            continue
+        rec = lambda variant, metric, unit, value, **kw: run.rec(  # noqa: E731
+            "moe_experts", "triton" if variant.startswith("gemv") else "deep_gemm", variant, preset, t, "bfloat16",
+            metric, unit, value, policy=str(policy), **common, **kw)
+        row: dict = {}
+        variant = "gemv_fp8"
+        try:
+            x, _, w, ids = inputs(state, t, seed=t)
+            n_touched = int(torch.unique(ids).numel()) + experts.n_shared_groups
+            weight_bytes = n_touched * experts.bytes_per_group()
+
+            def bandwidth(name, us):
+                pct = 100 * weight_bytes / (us * 1e-6) / peaks.copy_bw if peaks else None
+                rec(name, "touched_weight_bandwidth", "TB/s", weight_bytes / (us * 1e-6) / 1e12, pct_of_copy_peak=pct,
+                    weight_bytes=weight_bytes, touched_groups=n_touched, time_us=us,
+                    target="decode (T<=64): >= 50% of measured copy bandwidth",
+                    target_met=(pct >= 50) if pct is not None else None)
+                row[name] = (us, pct)
+
+            gemv = lambda: gm.experts_forward(x, w, ids, experts, swiglu_limit=L, policy=policy)  # noqa: E731
+            t1 = time.perf_counter()
+            y = gemv()
+            sync()
+            rec(variant, "first_call_s", "s", time.perf_counter() - t1, note="includes Triton JIT compilation",
+                layout=gm.layout_for(t, policy))
+            y_masked = gm.experts_forward(x, w, ids, experts, swiglu_limit=L, layout="masked", validate_ids=False)
+            ulps = numerics.ulp_diff(y, y_masked)
+            rec(variant, "bitwise_equal", "bool", bool(torch.equal(y, y_masked)), vs="masked_fp8",
+                ulp_max=int(ulps.max()), frac_equal=float((ulps == 0).float().mean()),
+                ulp_hist={str(u): int((ulps == u).sum()) for u in (0, 1, 2, 3)} | {">3": int((ulps > 3).sum())},
+                max_abs_diff=float((y.float() - y_masked.float()).abs().max()),
+                max_abs_y=float(y_masked.float().abs().max()))
+            row["ulp_max"] = int(ulps.max())
+            tm = timing.bench(gemv, warmup=3, rep=20)
+            rec(variant, "time", "us", tm.p50, p20=tm.p20, p80=tm.p80, timing_mode=tm.mode)
+            bandwidth(variant, tm.p50)
+            if DEVICE == "cuda":
+                for variant, layout in (("gemv_fp8_graph", "gemv"), ("masked_fp8_graph_vs_gemv", "masked")):
+                    fn = lambda layout=layout: gm.experts_forward(x, w, ids, experts, swiglu_limit=L,  # noqa: E731
+                                                                  layout=layout, validate_ids=False)
+                    tg = timing.bench(fn, graph=True, warmup=3, rep=30)
+                    rec(variant, "time", "us", tg.p50, p20=tg.p20, p80=tg.p80, timing_mode=tg.mode,
+                        options=f"layout={layout}, validate_ids=False, CUDA-graph replay")
+                    bandwidth(variant, tg.p50)
+        except Exception as e:  # noqa: BLE001
+            run.error("moe_experts", "triton", variant, preset, t, e, **common)
+        parts = [f"{k} {v[0]:.1f} us ({v[1] or 0:.0f}% BW)" for k, v in row.items() if isinstance(v, tuple)]
+        run.lines.append(f"  gemv {preset} T={t}: " + ", ".join(parts) + f"  ulp_max vs masked {row.get('ulp_max')}")
+        run.flush()
+
+
 def _layout_text(preset: str, t: int, r: dict) -> str:
     parts = [f"{v[:-3]} {r[v]:.1f} us ({r.get(v[:-3] + '_pct') or 0:.0f}% BW)" for v in r if v.endswith("_us")
              and (v.startswith("contiguous") or v.startswith("masked"))]
@@ -544,6 +616,8 @@ def warm_up(run: Run, state, preset: str, order: list[int], args) -> None:
             gm.experts_forward(x, w, ids, routed_only(state["experts"]), swiglu_limit=L)
             for kw in layout_options(t, spec["k"], state["e"]).values():
                 gm.experts_forward(x, w, ids, state["experts"], swiglu_limit=L, **kw)
+            if t <= 64:   # the GEMV decode kernels (one specialisation per preset for T <= 16)
+                gm.experts_forward(x[:8], w[:8], ids[:8], state["experts"], swiglu_limit=L, layout="gemv")
             sync()
             run.rec("moe_experts", "deep_gemm", "grouped_fp8", preset, t, "bfloat16", "first_call_s", "s",
                     time.perf_counter() - t1, note="warm-up run: JIT compilation included", **state["common"])
@@ -597,6 +671,8 @@ def main() -> int:
     ap.add_argument("--presets", default="flash,pro")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--mega-tokens", default="1,64,512")
+    ap.add_argument("--gemv-tokens", default=",".join(map(str, GEMV_TOKENS)),
+                    help="T for the Triton GEMV decode path (policy overridden; '' = skip)")
     ap.add_argument("--nvrtc", action="store_true", help="DeepGEMM JIT with NVRTC (faster compiles)")
     ap.add_argument("--no-mega", action="store_true")
     ap.add_argument("--warmup-only", action="store_true",
@@ -617,6 +693,7 @@ def main() -> int:
     out = Path(args.out) / f"{EXPERIMENT}.jsonl"
     run = Run(out, args.budget)
     tokens = [int(t) for t in args.tokens.split(",")]
+    gemv_tokens = [int(t) for t in args.gemv_tokens.split(",") if t.strip()]
     order = sorted(tokens, key=lambda t: (t > 64 and t != 8192, t))      # decode, then 8192, then the rest
     peaks = None if args.smoke_cpu else load_or_measure_peaks(run)
     device_name = "cpu (smoke)" if args.smoke_cpu else torch.cuda.get_device_name()
@@ -655,6 +732,9 @@ def main() -> int:
             sweep_case(run, state, preset, t, peaks)
             run.flush()
             print(f"[{run.elapsed():6.1f}s] {preset} T={t} done", flush=True)
+            if t == order[0] and gemv_tokens:   # the decode GEMV path, right after the first decode case
+                gemv_cases(run, state, preset, gemv_tokens, peaks)
+                print(f"[{run.elapsed():6.1f}s] {preset} gemv T={gemv_tokens} done", flush=True)
         if i == 0 and not args.no_mega:
             mega_phase(run, state, preset, tuple(int(t) for t in args.mega_tokens.split(",")), peaks)
             run.flush()
