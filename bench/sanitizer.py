@@ -57,6 +57,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     "mhc_post": ("tilelang", "mhc_post", "tilelang"),
     "mhc_fused_post_pre": ("tilelang", "mhc_fused_post_pre", "tilelang"),
     "hc_head": ("tilelang", "hc_head", "tilelang"),
+    "sparse_attention_tilelang": ("tilelang", "sparse_attention", "tilelang"),   # not run on a GPU yet
     "fp8_einsum_wo_a": ("deep_gemm", "fp8_einsum_wo_a", "deep_gemm"),
     "moe_experts": ("deep_gemm", "moe_experts", "deep_gemm"),
     "indexer_topk": ("deep_gemm", "indexer_topk", "deep_gemm"),
