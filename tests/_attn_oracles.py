@@ -91,3 +91,23 @@ def unit_rms(shape, gen: torch.Generator | None = None) -> torch.Tensor:
 def weight(out_f: int, in_f: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """bf16 weights ~ N(0, 1/in_f)."""
     return (torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)).to(torch.bfloat16)
+
+
+def sparse_attention_oracle64(q, kv, idx, sink, scale):
+    """Sparse MQA attention with sink in float64, densely: logits over all kv rows, each row weighted by how often
+    the token lists it (duplicates count twice; entries outside [0, N) count as masked), the sink appended to the
+    normaliser; a token with no candidate gets 0."""
+    T, H, d = q.shape
+    n = kv.shape[0]
+    counts = torch.zeros(T, n + 1, dtype=torch.float64)
+    listed = torch.where((idx < 0) | (idx >= n), n, idx.long())
+    counts.scatter_add_(1, listed, torch.ones(idx.shape, dtype=torch.float64))
+    counts = counts[:, :-1]
+    logits = torch.einsum("thd,nd->thn", q.double(), kv.double()) * scale
+    full = torch.cat([logits, sink.double().view(1, H, 1).expand(T, H, 1)], -1)
+    m = full.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m) * counts[:, None, :]
+    denom = e.sum(-1, keepdim=True) + torch.exp(sink.double().view(1, H, 1) - m)
+    o = torch.einsum("thn,nd->thd", e, kv.double())
+    return torch.where(denom > 0, o / denom, torch.zeros_like(o))

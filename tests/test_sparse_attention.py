@@ -13,26 +13,11 @@ import pytest
 import torch
 
 from _attn_oracles import bf16_ulp
+from _attn_oracles import sparse_attention_oracle64 as oracle64
 from dsv4lab.kernels import registry
 from dsv4lab.kernels.reference.attention import causal_entry_indices, sparse_attention_with_sink, window_indices
 from dsv4lab.kernels.triton.sparse_attention import sparse_attention_launch
 from dsv4lab.kernels.triton.sparse_attention import sparse_attention_with_sink as triton_attention
-
-
-def oracle64(q, kv, idx, sink, scale):
-    """Dense float64: logits over all kv rows, each row weighted by how often the token lists it, sink appended."""
-    T, H, d = q.shape
-    counts = torch.zeros(T, kv.shape[0] + 1, dtype=torch.float64)
-    counts.scatter_add_(1, torch.where(idx < 0, kv.shape[0], idx.long()), torch.ones(idx.shape, dtype=torch.float64))
-    counts = counts[:, :-1]
-    logits = torch.einsum("thd,nd->thn", q.double(), kv.double()) * scale
-    full = torch.cat([logits, sink.double().view(1, H, 1).expand(T, H, 1)], -1)
-    m = full.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(logits - m) * counts[:, None, :]
-    denom = e.sum(-1, keepdim=True) + torch.exp(sink.double().view(1, H, 1) - m)
-    o = torch.einsum("thn,nd->thd", e, kv.double())
-    return torch.where(denom > 0, o / denom, torch.zeros_like(o))
 
 
 def bound(o64, kv, on_gpu):

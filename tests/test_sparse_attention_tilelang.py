@@ -13,7 +13,6 @@ Not checked here: the kernel's numerics on a GPU (bench/attention_kernels.py, va
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,42 +20,13 @@ import pytest
 import torch
 
 from _attn_oracles import assert_within
+from _attn_oracles import sparse_attention_oracle64 as oracle64
+from test_tilelang_mhc_compile import _have_tilelang, needs_compiler  # one definition of "can compile for sm_90a"
 from dsv4lab.kernels import registry
 from dsv4lab.kernels.tilelang import sparse_attention as TLSA
 
 ARCH = "sm_90a"
 SCALE = 512 ** -0.5
-
-
-def _have_tilelang() -> bool:
-    try:
-        import tilelang  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_compiler = pytest.mark.skipif(
-    not (_have_tilelang() and shutil.which("nvcc")),
-    reason="needs tilelang (pip install tilelang==0.1.15) and nvcc on PATH to compile for sm_90a")
-
-
-# ---- float64 oracle (per token, per listed entry; independent of the chunked algorithm) -------------------------
-def oracle64(q, kv, idx, sink, scale):
-    """Softmax over the listed rows of each token (entries outside [0, N) dropped, duplicates kept) plus the sink."""
-    T, H, d = q.shape
-    out = torch.zeros(T, H, d, dtype=torch.float64)
-    for t in range(T):
-        rows = [int(r) for r in idx[t] if 0 <= int(r) < kv.shape[0]]
-        keys = kv[rows].double() if rows else torch.zeros(0, d, dtype=torch.float64)
-        logits = q[t].double() @ keys.T * scale                                 # [H, n]
-        full = torch.cat([logits, sink.double()[:, None]], 1)
-        m = full.amax(1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(logits - m)
-        den = e.sum(1, keepdim=True) + torch.exp(sink.double()[:, None] - m)
-        out[t] = torch.where(den > 0, (e @ keys) / den, torch.zeros(H, d, dtype=torch.float64))
-    return out
 
 
 def bound(o64, kv):
