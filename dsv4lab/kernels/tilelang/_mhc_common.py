@@ -194,3 +194,33 @@ def tokens_per_block(tokens: int, sms: int) -> int:
     (each token's Sinkhorn runs on its own thread, so packing tokens hides its latency at large T)."""
     per = tokens // max(1, sms * TUNING["epilogue_blocks_per_sm"])
     return max(1, min(TUNING["tokens_per_block_max"], per))
+
+
+def sinkhorn_passes_macro(n: int, sinkhorn_iters: int, hc_eps: float):
+    """T.macro ``sinkhorn_passes(c, stat)``: the Sinkhorn passes of one token's n x n comb matrix ``c`` (flat,
+    row-major, fp32) that follow its first row pass (row softmax + eps): a column pass, then (row, column) x
+    (iters - 1); each pass divides by (sum + hc_eps), in the reference's order (dsv4-layers.md 2.3). ``stat[0]``
+    is scratch. Shared by the two-pass epilogue (mhc_pre) and the one-pass kernels (_mhc_onepass)."""
+    import tilelang.language as T
+
+    @T.macro
+    def sinkhorn_passes(c, stat):
+        for p in T.serial(2 * sinkhorn_iters - 1):
+            if p % 2 == 0:
+                for k in T.unroll(n):
+                    stat[0] = hc_eps
+                    for j in T.unroll(n):
+                        stat[0] += c[j * n + k]
+                    stat[0] = 1.0 / stat[0]
+                    for j in T.unroll(n):
+                        c[j * n + k] *= stat[0]
+            else:
+                for j in T.unroll(n):
+                    stat[0] = hc_eps
+                    for k in T.unroll(n):
+                        stat[0] += c[j * n + k]
+                    stat[0] = 1.0 / stat[0]
+                    for k in T.unroll(n):
+                        c[j * n + k] *= stat[0]
+
+    return sinkhorn_passes

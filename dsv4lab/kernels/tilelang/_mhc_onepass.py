@@ -86,6 +86,7 @@ def onepass_func(mode: str, d: int, norm_dtype, rms_eps: float, hc_eps: float, p
     import tilelang.language as T
 
     n = common.HC_MULT
+    sinkhorn_passes = common.sinkhorn_passes_macro(n, sinkhorn_iters, hc_eps)
     n_mix = n if mode == "head" else (2 + n) * n
     n_scale = 1 if mode == "head" else 3
     n_cols = padded_columns(n_mix)
@@ -174,23 +175,7 @@ def onepass_func(mode: str, d: int, norm_dtype, rms_eps: float, hc_eps: float, p
                         stat[3] = 1.0 / stat[3]
                         for k in T.unroll(n):
                             c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
-                    for p in T.serial(2 * sinkhorn_iters - 1):   # columns, then (rows, columns) x (iters - 1)
-                        if p % 2 == 0:
-                            for k in T.unroll(n):
-                                stat[0] = hc_eps
-                                for j in T.unroll(n):
-                                    stat[0] += c[j * n + k]
-                                stat[0] = 1.0 / stat[0]
-                                for j in T.unroll(n):
-                                    c[j * n + k] *= stat[0]
-                        else:
-                            for j in T.unroll(n):
-                                stat[0] = hc_eps
-                                for k in T.unroll(n):
-                                    stat[0] += c[j * n + k]
-                                stat[0] = 1.0 / stat[0]
-                                for k in T.unroll(n):
-                                    c[j * n + k] *= stat[0]
+                    sinkhorn_passes(c, stat)   # columns, then (rows, columns) x (iters - 1)
                     for j in T.unroll(n):
                         for k in T.unroll(n):
                             comb[t0 + tx, j, k] = c[j * n + k]

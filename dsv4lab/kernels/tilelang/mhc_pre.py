@@ -214,6 +214,7 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
     n_splits = T.dynamic("n_splits")
     reduce_splits = split_reduce_macro(n_mix)
     reduce_block = block_reduce_macro(n_mix)
+    sinkhorn_passes = common.sinkhorn_passes_macro(n, sinkhorn_iters, hc_eps)
     w_dtype = norm_dtype or "bfloat16"
 
     @T.prim_func
@@ -269,23 +270,7 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
                     for k in T.unroll(n):
                         c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
                 # then columns, (rows, columns) x (iters - 1): passes alternate, the last is a column pass
-                for p in T.serial(2 * sinkhorn_iters - 1):
-                    if p % 2 == 0:
-                        for k in T.unroll(n):
-                            stat[0] = hc_eps
-                            for j in T.unroll(n):
-                                stat[0] += c[j * n + k]
-                            stat[0] = 1.0 / stat[0]
-                            for j in T.unroll(n):
-                                c[j * n + k] *= stat[0]
-                    else:
-                        for j in T.unroll(n):
-                            stat[0] = hc_eps
-                            for k in T.unroll(n):
-                                stat[0] += c[j * n + k]
-                            stat[0] = 1.0 / stat[0]
-                            for k in T.unroll(n):
-                                c[j * n + k] *= stat[0]
+                sinkhorn_passes(c, stat)
                 for j in T.unroll(n):
                     for k in T.unroll(n):
                         comb[t, j, k] = c[j * n + k]
