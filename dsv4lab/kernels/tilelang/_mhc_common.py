@@ -196,15 +196,29 @@ def tokens_per_block(tokens: int, sms: int) -> int:
     return max(1, min(TUNING["tokens_per_block_max"], per))
 
 
-def sinkhorn_passes_macro(n: int, sinkhorn_iters: int, hc_eps: float):
-    """T.macro ``sinkhorn_passes(c, stat)``: the Sinkhorn passes of one token's n x n comb matrix ``c`` (flat,
-    row-major, fp32) that follow its first row pass (row softmax + eps): a column pass, then (row, column) x
-    (iters - 1); each pass divides by (sum + hc_eps), in the reference's order (dsv4-layers.md 2.3). ``stat[0]``
-    is scratch. Shared by the two-pass epilogue (mhc_pre) and the one-pass kernels (_mhc_onepass)."""
+def comb_sinkhorn_macro(n: int, sinkhorn_iters: int, hc_eps: float):
+    """T.macro ``comb_sinkhorn(mix, tx, scale, base, c, stat)``: token ``tx``'s comb matrix into ``c`` (flat,
+    row-major, fp32, n x n) from its raw projections ``mix[tx, 2n:]`` (x the token's rsqrt RMS in ``stat[1]``,
+    x ``scale[2]``, + ``base``): a row softmax + hc_eps (the first row pass), then Sinkhorn column, (row, column) x (iters - 1)
+    passes, each dividing by (sum + hc_eps), in the reference's order (dsv4-layers.md 2.3). ``stat[0]``,
+    ``stat[2]``, ``stat[3]`` are scratch. Shared by the two-pass epilogue (mhc_pre) and the one-pass kernels."""
     import tilelang.language as T
 
     @T.macro
-    def sinkhorn_passes(c, stat):
+    def comb_sinkhorn(mix, tx, scale, base, c, stat):
+        for j in T.unroll(n):  # row softmax + eps (the first row pass)
+            stat[2] = -T.infinity("float32")
+            for k in T.unroll(n):
+                c[j * n + k] = mix[tx, 2 * n + j * n + k] * stat[1] * scale[2] + base[2 * n + j * n + k]
+                stat[2] = T.max(stat[2], c[j * n + k])
+            stat[3] = 0.0
+            for k in T.unroll(n):
+                c[j * n + k] = T.exp(c[j * n + k] - stat[2])
+                stat[3] += c[j * n + k]
+            stat[3] = 1.0 / stat[3]
+            for k in T.unroll(n):
+                c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
+        # then columns, (rows, columns) x (iters - 1): passes alternate, the last is a column pass
         for p in T.serial(2 * sinkhorn_iters - 1):
             if p % 2 == 0:
                 for k in T.unroll(n):
@@ -223,4 +237,4 @@ def sinkhorn_passes_macro(n: int, sinkhorn_iters: int, hc_eps: float):
                     for k in T.unroll(n):
                         c[j * n + k] *= stat[0]
 
-    return sinkhorn_passes
+    return comb_sinkhorn

@@ -86,7 +86,7 @@ def onepass_func(mode: str, d: int, norm_dtype, rms_eps: float, hc_eps: float, p
     import tilelang.language as T
 
     n = common.HC_MULT
-    sinkhorn_passes = common.sinkhorn_passes_macro(n, sinkhorn_iters, hc_eps)
+    comb_sinkhorn = common.comb_sinkhorn_macro(n, sinkhorn_iters, hc_eps)
     n_mix = n if mode == "head" else (2 + n) * n
     n_scale = 1 if mode == "head" else 3
     n_cols = padded_columns(n_mix)
@@ -163,19 +163,7 @@ def onepass_func(mode: str, d: int, norm_dtype, rms_eps: float, hc_eps: float, p
                     for i in T.unroll(n):
                         post[t0 + tx, i] = post_mult / (
                             1.0 + T.exp(-(mix_s[tx, n + i] * stat[1] * scale[1] + base[n + i])))
-                    for j in T.unroll(n):   # row softmax + eps (the first row pass)
-                        stat[2] = -T.infinity("float32")
-                        for k in T.unroll(n):
-                            c[j * n + k] = mix_s[tx, 2 * n + j * n + k] * stat[1] * scale[2] + base[2 * n + j * n + k]
-                            stat[2] = T.max(stat[2], c[j * n + k])
-                        stat[3] = 0.0
-                        for k in T.unroll(n):
-                            c[j * n + k] = T.exp(c[j * n + k] - stat[2])
-                            stat[3] += c[j * n + k]
-                        stat[3] = 1.0 / stat[3]
-                        for k in T.unroll(n):
-                            c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
-                    sinkhorn_passes(c, stat)   # columns, then (rows, columns) x (iters - 1)
+                    comb_sinkhorn(mix_s, tx, scale, base, c, stat)
                     for j in T.unroll(n):
                         for k in T.unroll(n):
                             comb[t0 + tx, j, k] = c[j * n + k]

@@ -214,7 +214,7 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
     n_splits = T.dynamic("n_splits")
     reduce_splits = split_reduce_macro(n_mix)
     reduce_block = block_reduce_macro(n_mix)
-    sinkhorn_passes = common.sinkhorn_passes_macro(n, sinkhorn_iters, hc_eps)
+    comb_sinkhorn = common.comb_sinkhorn_macro(n, sinkhorn_iters, hc_eps)
     w_dtype = norm_dtype or "bfloat16"
 
     @T.prim_func
@@ -257,20 +257,7 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
                 for i in T.unroll(n):
                     pre_s[tx, i] = 1.0 / (1.0 + T.exp(-(mixes[tx, i] * stat[1] * scale[0] + base[i]))) + hc_eps
                     post[t, i] = post_mult / (1.0 + T.exp(-(mixes[tx, n + i] * stat[1] * scale[1] + base[n + i])))
-                for j in T.unroll(n):  # row softmax + eps (the first row pass)
-                    stat[2] = -T.infinity("float32")
-                    for k in T.unroll(n):
-                        c[j * n + k] = mixes[tx, 2 * n + j * n + k] * stat[1] * scale[2] + base[2 * n + j * n + k]
-                        stat[2] = T.max(stat[2], c[j * n + k])
-                    stat[3] = 0.0
-                    for k in T.unroll(n):
-                        c[j * n + k] = T.exp(c[j * n + k] - stat[2])
-                        stat[3] += c[j * n + k]
-                    stat[3] = 1.0 / stat[3]
-                    for k in T.unroll(n):
-                        c[j * n + k] = c[j * n + k] * stat[3] + hc_eps
-                # then columns, (rows, columns) x (iters - 1): passes alternate, the last is a column pass
-                sinkhorn_passes(c, stat)
+                comb_sinkhorn(mixes, tx, scale, base, c, stat)
                 for j in T.unroll(n):
                     for k in T.unroll(n):
                         comb[t, j, k] = c[j * n + k]
