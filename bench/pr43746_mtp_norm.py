@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds of measurement (compilation excluded), split over the two D")
     ap.add_argument("--deadline", type=float, default=95.0, help="hard cap in seconds for the whole sweep")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the token list")
-    ap.add_argument("--warps-sweep", type=int, nargs="*", default=[8, 32],
-                    help="values_per_thread settings of the Triton norms to time besides the default (graph mode)")
+    ap.add_argument("--warps-sweep", type=int, nargs="*", default=[4, 8, 16, 32],
+                    help="num_warps settings of the Triton norms to time against the default (graph mode, interleaved)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -87,30 +87,47 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 64, 1024, 4096, 16384)) -> list[dict]:
-    """``after`` (graph replay, L2 flushed) under other ``mtp_norm.TUNING["values_per_thread"]`` settings:
-    variant ``after[vpt=N]``, so the launcher default can be chosen from measurements. The default is restored."""
-    from dsv4lab.kernels.triton import mtp_norm
+def _forced(mtp_norm, warps, kernel, args):
+    with mtp_norm.forced_num_warps(warps):
+        return kernel(*args, 1e-6)
 
-    default = dict(mtp_norm.TUNING)
+
+def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 16, 64, 128, 256, 1024, 4096, 16384)) -> list[dict]:
+    """Graph replay (L2 flushed) of the Triton norms at each ``num_warps`` in ``settings`` (variant
+    ``sweep:after[warps=N]``), interleaved with the tuned default (``sweep:after``) and ``sweep:before_compiled`` in
+    one ``bench_interleaved`` set per (D, op, T), so the launch policy in ``mtp_norm.TUNING`` is chosen from
+    drift-free comparisons."""
+    import functools
+
+    from dsv4lab.kernels.triton import mtp_norm
+    from dsv4lab.lab import timing
+
+    kernels = {"mtp_input_rmsnorm": mtp_norm.fused_mtp_input_rmsnorm,
+               "mtp_shared_head_rmsnorm": mtp_norm.mtp_shared_head_rmsnorm}
     recs: list[dict] = []
-    try:
-        for vpt in settings:
-            mtp_norm.TUNING["values_per_thread"] = vpt
-            for D, preset in exp.GPU_DIMS.items():
-                for op in exp.OPS:
-                    for T in tokens:
-                        args = exp.make_inputs(op, T, D, device="cuda")
-                        block, _, warps = mtp_norm.launch_config(D)
-                        batch = exp.timing_records(op, exp.variants(op)["after"], args, preset=preset, D=D,
-                                                   n=exp.HC_MULT, variant="after", peaks=peaks,
-                                                   rep=100 if T <= 1024 else 20, modes=("graph",))
-                        for r in batch:
-                            r.update(variant=f"after[vpt={vpt}]",
-                                     tuning={"values_per_thread": vpt, "num_warps": warps, "block": block})
-                        recs += batch
-    finally:
-        mtp_norm.TUNING.update(default)
+    for D, preset in exp.GPU_DIMS.items():
+        for op in exp.OPS:
+            for T in tokens:
+                args = exp.make_inputs(op, T, D, device="cuda")
+                cases = {"sweep:after": functools.partial(kernels[op], *args, 1e-6),
+                         "sweep:before_compiled": functools.partial(exp.variants(op)["before_compiled"], *args, 1e-6)}
+                for w in settings:
+                    cases[f"sweep:after[warps={w}]"] = functools.partial(_forced, mtp_norm, w, kernels[op], args)
+                try:
+                    times = timing.bench_interleaved(cases, rep=100 if T <= 1024 else 20, warmup=3)
+                except Exception as e:  # noqa: BLE001
+                    recs.append(exp._error(op, "sweep", e, preset=preset, T=T, dtype=args[0].dtype, D=D))
+                    continue
+                cost = exp.roofline_cost(op, T, D, exp.HC_MULT, args[0].dtype)
+                block, _, default_warps = mtp_norm.launch_config(D, T)
+                for v, t in times.items():
+                    recs.append(t.to_record(cost=cost, peaks=peaks, mode="graph", interleaved=sorted(cases),
+                                            tuning={"block": block, "default_num_warps": default_warps},
+                                            **exp._fields(op, v, preset, T, args[0].dtype, D, exp.HC_MULT)))
+                best = min(times, key=lambda k: times[k].p50)
+                print(f"warps sweep {op:24s} D={D} T={T:5d}: default {times['sweep:after'].p50:7.2f} us "
+                      f"(warps {default_warps}), compiled {times['sweep:before_compiled'].p50:7.2f}, "
+                      f"best {best} {times[best].p50:7.2f}")
     return recs
 
 

@@ -245,3 +245,22 @@ def test_bad_input_raises_before_launch(device, monkeypatch, desc, mutate, exc, 
     monkeypatch.setattr(mtp_norm, "_mtp_input_rmsnorm_kernel", NoLaunch())
     with pytest.raises(exc, match=text):
         fused_mtp_input_rmsnorm(*mutate(args))
+
+
+def test_launch_policy_and_num_warps_override(device):
+    """Small T gets more warps per row (latency-bound), large T the bandwidth setting; a forced num_warps
+    changes only the launch, never the values; a bad num_warps is refused before any launch."""
+    small, large = mtp_norm.launch_config(4096, 1), mtp_norm.launch_config(4096, 4096)
+    assert small[:2] == large[:2] == (4096, 1)
+    assert small[2] == 16 and large[2] == 8 and mtp_norm.launch_config(4096)[2] == 8
+    args = make_inputs(3, 2, 64, torch.float32, device, seed=9)
+    e1, h1 = fused_mtp_input_rmsnorm(*args)
+    with mtp_norm.forced_num_warps(4):
+        e2, h2 = fused_mtp_input_rmsnorm(*args)
+        assert mtp_norm._FORCED_WARPS[0] == 4
+    assert mtp_norm._FORCED_WARPS[0] is None
+    assert torch.equal(e1, e2) and torch.equal(h1, h2)
+    for bad in (3, 0, 64, True, 4.0):
+        with pytest.raises(ValueError, match="num_warps"):
+            with mtp_norm.forced_num_warps(bad):
+                pass

@@ -104,3 +104,12 @@ def test_bad_input_raises_before_launch(device, monkeypatch, desc, mutate, exc, 
     monkeypatch.setattr(mtp_norm, "_shared_head_rmsnorm_kernel", NoLaunch())
     with pytest.raises(exc, match=text):
         mtp_shared_head_rmsnorm(*mutate(h, w))
+
+
+def test_num_warps_override_keeps_values(device):
+    torch.manual_seed(10)
+    h = torch.randn(4, 96, device=device)
+    w = 1 + 0.1 * torch.randn(96, device=device)
+    plain = mtp_shared_head_rmsnorm(h, w)
+    with mtp_norm.forced_num_warps(2):
+        assert torch.equal(plain, mtp_shared_head_rmsnorm(h, w))

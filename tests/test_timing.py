@@ -143,3 +143,14 @@ def test_bench_interleaved_replays_every_case_rep_times():
     # 2 warm-up calls + 1 capture-time upload replay + 20 timed replays (the capture itself runs nothing)
     assert counter.item() == 2 + 1 + 20
     assert all(v.mode == "cuda-graph" and len(v.times_us) == 20 and min(v.times_us) > 0 for v in t.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+def test_bench_interleaved_eager_calls_every_case_directly():
+    counter = torch.zeros((), device="cuda")
+    cases = {"count": lambda: counter.add_(1), "other": lambda: counter.add_(0)}
+    t = timing.bench_interleaved(cases, rep=15, warmup=3, graph=False, flush_l2=False)
+    torch.cuda.synchronize()
+    # eager: 3 warm-up calls + 15 timed calls, no capture and no upload replay
+    assert counter.item() == 3 + 15
+    assert all(v.mode == "cuda-events" and len(v.times_us) == 15 and not v.flush_l2 for v in t.values())

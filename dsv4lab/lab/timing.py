@@ -193,11 +193,16 @@ def bench(fn: Callable[[], Any], *, graph: bool = False, flush_l2: bool = True, 
 
 
 def bench_interleaved(cases: Mapping[Hashable, Callable[[], Any]], *, flush_l2: bool = True, warmup: int = 5,
-                      rep: int = 100, device: str | torch.device | None = None) -> dict[Hashable, Timing]:
-    """CUDA-graph replay times of several ``cases`` that should be compared with each other: each case is
-    captured once, then the replays alternate (a, b, c, a, b, c, ...), each with its own L2 flush and event pair.
-    Slow drift of the GPU (clocks, temperature, power) then lands on every case alike, which timing the cases one
-    after another does not give (two 750 us graphs timed back to back differed by 5 % from drift alone)."""
+                      rep: int = 100, device: str | torch.device | None = None,
+                      graph: bool = True) -> dict[Hashable, Timing]:
+    """Times of several ``cases`` that should be compared with each other, taken alternately (a, b, c, a, b, c,
+    ...), each sample with its own L2 flush (if ``flush_l2``) and event pair. Slow drift of the GPU (clocks,
+    temperature, power) then lands on every case alike, which timing the cases one after another does not give
+    (two 750 us graphs timed back to back differed by 5 % from drift alone).
+
+    ``graph=True``: each case is captured once into a CUDA graph and replayed (GPU time, mode 'cuda-graph').
+    ``graph=False``: each case is called directly (launch and host cost included where the GPU waits for the
+    host, mode 'cuda-events')."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         raise ValueError(f"device: bench_interleaved replays CUDA graphs and needs a CUDA device, got {dev}")
@@ -207,38 +212,44 @@ def bench_interleaved(cases: Mapping[Hashable, Callable[[], Any]], *, flush_l2: 
         _check_args(fn, warmup, rep)
     with torch.cuda.device(dev):
         flush = _flush_buffer(dev) if flush_l2 else None
-        graphs, keep = {}, []
+        runs, keep = {}, []
         side = torch.cuda.Stream()
         for key, fn in cases.items():
+            if not graph:
+                for _ in range(warmup):
+                    fn()
+                runs[key] = fn
+                continue
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(max(warmup, 1)):
                     fn()
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
-            graphs[key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[key]):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
                 keep.append(fn())
-            graphs[key].replay()
+            g.replay()
+            runs[key] = g.replay
         torch.cuda.synchronize()
         events = {key: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                         for _ in range(rep)] for key in cases}
         for i in range(rep):
-            for key, graph in graphs.items():
+            for key, run in runs.items():
                 if flush is not None:
                     flush.zero_()
                 start, end = events[key][i]
                 start.record()
-                graph.replay()
+                run()
                 end.record()
         torch.cuda.synchronize()
     out = {}
     for key in cases:
         times = [s.elapsed_time(e) * 1e3 for s, e in events[key]]
         p20, p50, p80 = percentiles(times)
-        out[key] = Timing(p20=p20, p50=p50, p80=p80, mode="cuda-graph", rep=rep, warmup=warmup, flush_l2=flush_l2,
-                          device=str(dev), times_us=times)
-    del graphs, keep
+        out[key] = Timing(p20=p20, p50=p50, p80=p80, mode="cuda-graph" if graph else "cuda-events", rep=rep,
+                          warmup=warmup, flush_l2=flush_l2, device=str(dev), times_us=times)
+    del runs, keep
     return out
 
 

@@ -26,6 +26,7 @@ The notebook helpers at the bottom (tables and plotly figures) read the records 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from typing import Any, Callable, Iterable
@@ -316,6 +317,38 @@ def timing_records(op: str, fn: Callable[..., Any], args: tuple, *, preset: str 
     return recs
 
 
+def interleaved_timing_records(op: str, fns: dict[str, Callable[..., Any]], args: tuple, *, preset: str | None,
+                               D: int, n: int, peaks: Any = None, rep: int = 30, warmup: int = 3,
+                               eps: float = 1e-6) -> tuple[list[dict], tuple[str, ...]]:
+    """GPU ``graph`` and ``eager`` records (as in ``timing_records``) of all variants ``fns`` of one case, taken
+    with ``lab.timing.bench_interleaved``: the variants' samples alternate, so GPU clock drift between one variant's
+    timing and the next cannot decide a comparison between them (these kernels sit at a ~5 us floor where the
+    variants differ by tenths of a microsecond). Returns ``(records, modes still to time per variant)``: a mode
+    whose interleaved run failed (e.g. a capture error) falls back to per-variant timing there."""
+    from ..lab import timing
+
+    T = args[0].shape[0]
+    cost = roofline_cost(op, T, D, n, args[0].dtype)
+    calls = {v: functools.partial(fn, *args, eps) for v, fn in fns.items()}
+    recs: list[dict] = []
+    left = ["eager-loop"]
+    for mode in ("graph", "eager"):
+        try:
+            times = timing.bench_interleaved(calls, graph=mode == "graph", flush_l2=mode == "graph", rep=rep,
+                                             warmup=warmup, device=args[0].device)
+        except Exception:  # noqa: BLE001 -- per-variant timing records the error of the variant that fails
+            left.insert(0, mode)
+            continue
+        extra: dict[str, Any] = {"mode": mode, "interleaved": sorted(calls)}
+        if peaks is not None:
+            extra["roofline_us"] = cost.bytes / peaks.copy_bw * 1e6
+            extra["copy_bw"] = peaks.copy_bw
+        for v, t in times.items():
+            recs.append(t.to_record(cost=cost, peaks=peaks, **_fields(op, v, preset, T, args[0].dtype, D, n),
+                                    **extra))
+    return recs, tuple(left)
+
+
 def _loop_record(op, call, cost, peaks, variant, preset, T, dtype, D, n, calls: int = 100, repeats: int = 7) -> dict:
     from ..lab import results, timing
 
@@ -379,13 +412,17 @@ def measure_case(op: str, T: int, D: int, *, n: int = HC_MULT, dtype: torch.dtyp
             recs.append(_error(op, v, e, **kw))
     recs += numerics_records(op, args, outputs, preset=preset, D=D, n=n, eps=eps)
     outputs.clear()
-    for v in names:
-        if v not in fns or any(r["variant"] == v and r["metric"] == "error" for r in recs):
-            continue
+    ok = [v for v in names if v in fns and not any(r["variant"] == v and r["metric"] == "error" for r in recs)]
+    per_variant_modes: tuple[str, ...] = ("graph", "eager", "eager-loop")
+    if with_timing and args[0].is_cuda and len(ok) > 1:
+        batch, per_variant_modes = interleaved_timing_records(op, {v: fns[v] for v in ok}, args, preset=preset,
+                                                              D=D, n=n, peaks=peaks, rep=rep, warmup=warmup, eps=eps)
+        recs += batch
+    for v in ok:
         try:
-            if with_timing:
+            if with_timing and per_variant_modes:
                 recs += timing_records(op, fns[v], args, preset=preset, D=D, n=n, variant=v, peaks=peaks,
-                                       rep=rep, warmup=warmup, eps=eps)
+                                       rep=rep, warmup=warmup, eps=eps, modes=per_variant_modes)
             if with_kernels:
                 recs.append(kernel_count_record(op, fns[v], args, preset=preset, D=D, n=n, variant=v, eps=eps))
         except Exception as e:

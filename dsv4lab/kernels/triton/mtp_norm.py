@@ -17,6 +17,7 @@ exceed 2^31.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -31,8 +32,11 @@ INT_DTYPES = (torch.int32, torch.int64)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # fixed when the @triton.jit kernels below are defined
 MAX_BLOCK = 16384     # longest row held in registers at once; beyond it the chunked two-pass loop runs
 CHUNK_BLOCK = 4096    # chunk length of the two-pass loop
-# warps per program = BLOCK / (32 * values_per_thread), clamped to [1, max_warps]; the H100 bench sweeps it
-TUNING = {"values_per_thread": 16, "max_warps": 16}
+# warps per program = BLOCK / (32 * values_per_thread), clamped to [1, max_warps]. At T <= small_tokens the
+# kernel is latency-bound (a few rows, ~5 us graph-replay floor) and more warps per row finish sooner: on the H100
+# (data/results/h100/pr43746_mtp_norm.jsonl, variant after[vpt=8]) D=4096 at T=1/64 took 5.1/5.3 us with 16 warps
+# against 6.0/5.9 us with 8, while at T >= 1024 8 warps were faster (9.2 vs 11.3 us). The bench sweeps num_warps.
+TUNING = {"values_per_thread": 16, "small_values_per_thread": 8, "small_tokens": 64, "max_warps": 16}
 
 
 @triton.jit
@@ -198,9 +202,28 @@ _launch_input = CachedLauncher(_mtp_input_rmsnorm_kernel)
 _launch_shared_head = CachedLauncher(_shared_head_rmsnorm_kernel)
 
 
-def launch_config(D: int) -> tuple[int, int, int]:
-    """``(BLOCK, NUM_CHUNKS, num_warps)`` for rows of length D."""
-    return _launch_config(D, MAX_BLOCK, CHUNK_BLOCK, TUNING["values_per_thread"], TUNING["max_warps"])
+def launch_config(D: int, T: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK, NUM_CHUNKS, num_warps)`` for ``T`` rows of length ``D`` (``T=None``: the large-T setting)."""
+    small = T is not None and T <= TUNING["small_tokens"]
+    vpt = TUNING["small_values_per_thread"] if small else TUNING["values_per_thread"]
+    return _launch_config(D, MAX_BLOCK, CHUNK_BLOCK, vpt, TUNING["max_warps"])
+
+
+_FORCED_WARPS: list[int | None] = [None]
+
+
+@contextlib.contextmanager
+def forced_num_warps(num_warps: int):
+    """Launch both kernels with ``num_warps`` inside the block instead of ``launch_config``'s choice (for sweeps;
+    the values do not change). A CUDA graph captured inside keeps the setting it was captured with."""
+    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps: expected a power of two in [1, 32], got {num_warps!r}")
+    saved = _FORCED_WARPS[0]
+    _FORCED_WARPS[0] = num_warps
+    try:
+        yield
+    finally:
+        _FORCED_WARPS[0] = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,10 +253,10 @@ def fused_mtp_input_rmsnorm(embed: torch.Tensor, positions: torch.Tensor, prev: 
     h_out = torch.empty((T, hc_mult, D), dtype=prev.dtype, device=prev.device)
     if T == 0:
         return e_out, h_out
-    block, num_chunks, num_warps = launch_config(D)
+    block, num_chunks, warps = launch_config(D, T)
     _launch_input((T, hc_mult + 1, 1), embed.device,
                   (embed, positions, prev, enorm_weight, hnorm_weight, e_out, h_out, D, eps,
-                   hc_mult, block, num_chunks, bool(two_rounding)), num_warps)
+                   hc_mult, block, num_chunks, bool(two_rounding)), _FORCED_WARPS[0] or warps)
     return e_out, h_out
 
 
@@ -244,7 +267,7 @@ def mtp_shared_head_rmsnorm(h: torch.Tensor, weight: torch.Tensor, eps: float = 
     out = torch.empty((T, D), dtype=h.dtype, device=h.device)
     if T == 0:
         return out
-    block, num_chunks, num_warps = launch_config(D)
+    block, num_chunks, warps = launch_config(D, T)
     _launch_shared_head((T, 1, 1), h.device,
-                        (h, weight, out, D, eps, block, num_chunks, bool(two_rounding)), num_warps)
+                        (h, weight, out, D, eps, block, num_chunks, bool(two_rounding)), _FORCED_WARPS[0] or warps)
     return out
