@@ -223,3 +223,56 @@ def test_indexer_q_swept_configs_bitwise_and_empty():
         assert torch.equal(q8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(w_out, rw), cfg
     e8, ew = triton_indexer_q(q[:0], pos[:0], INV, w[:0])
     assert e8.shape == (0, 4, 128) and ew.shape == (0, 4)
+
+
+# ---- design "tiles" (opt-in): whole rows, several entries per program, candidate groups merged by the last one ----
+@pytest.mark.parametrize("ratio,T,config", [
+    (4, 42, dict(entries=4)),               # 10 entries: the last program's 2 padding entries are masked
+    (4, 23, dict(entries=2, groups=2)),     # entry 0's first group (the previous block) is all absent
+    (4, 16, dict(groups=8, num_warps=2)),   # one candidate per program
+    (128, 300, dict(groups=8)),             # 16 rows per program; tokens past the last block unused
+    (128, 384, dict(entries=2, groups=4)),  # 3 entries: a merge over a half-padded entry block
+])
+def test_tiles_design_matches_reference(ratio, T, config):
+    hd = 128
+    config = dict(design="tiles", **config)
+    x, (wkv, wg, ape, nw), A, S = _projections(ratio, hd, T, seed=T)
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV, head_dim=hd)
+    plain = compress_from_projections(A, S, ape, nw, ratio, INV, head_dim=hd, config=config)
+    assert plain.shape == (T // ratio, hd)
+    assert bool(((plain.double() - ref.double()).abs() <= bf16_ulp(ref)).all())
+    o64 = compress_oracle(x, wkv, wg, ape, nw, ratio, INV, hd)
+    # one bf16 rounding (half an ulp) + fp32 noise of the pooled sums, the group merge and the norm
+    assert bool(((plain.double() - o64).abs() <= bf16_ulp(o64) * 0.5 + 2.0 ** -12 * o64.abs() + 1e-6).all())
+    got = compress_from_projections(A, S, ape, nw, ratio, INV, head_dim=hd, fp8_nope=True, config=config)
+    nope = hd - 64
+    assert torch.equal(got[:, :nope], fp8_roundtrip(plain[:, :nope], 64)) and torch.equal(got[:, nope:], plain[:, nope:])
+
+
+@pytest.mark.parametrize("shape", sorted(triton_compressor.TILES_CONFIGS))
+def test_tiles_bench_configs_agree(shape):
+    """Every swept "tiles" config resolves and, on a tiny shape, gives the default design's entries within 1 ulp."""
+    ratio, hd, T = shape[0], 64, 2 * shape[0] + 1
+    x, (wkv, wg, ape, nw), A, S = _projections(ratio, hd, T, seed=9)
+    ref = reference_compress(x, wkv, wg, ape, nw, ratio, INV[:16], head_dim=hd)
+    for cfg in triton_compressor.TILES_CONFIGS[shape]:
+        assert triton_compressor.resolve_config(ratio, T // ratio, shape[1], cfg)["design"] == "tiles"
+        got = compress_from_projections(A, S, ape, nw, ratio, INV[:16], head_dim=hd, config=cfg)
+        assert bool(((got.double() - ref.double()).abs() <= bf16_ulp(ref)).all()), cfg
+
+
+def test_tiles_groups_leave_counters_zeroed_and_repeat():
+    hd, T = 64, 512
+    _, (wkv, wg, ape, nw), A, S = _projections(128, hd, T, seed=5)
+    cfg = dict(design="tiles", groups=16, entries=2)
+    first = compress_from_projections(A, S, ape, nw, 128, INV[:16], head_dim=hd, config=cfg)
+    assert int(triton_compressor._arrival_counters(T // 128, A.device).abs().sum()) == 0
+    assert torch.equal(compress_from_projections(A, S, ape, nw, 128, INV[:16], head_dim=hd, config=cfg), first)
+
+
+def test_tiles_config_errors_name_the_parameter():
+    _, (_, _, ape, nw), A, S = _projections(4, 128, 16)
+    for bad, name in [(dict(block_c=128), "config"), (dict(groups=3), "groups"), (dict(groups=16), "groups"),
+                      (dict(entries=0), "entries"), (dict(entries=True), "entries"), (dict(num_warps=3), "num_warps")]:
+        with pytest.raises(ValueError, match=name):
+            compress_from_projections(A, S, ape, nw, 4, INV, head_dim=128, config=dict(design="tiles", **bad))

@@ -21,6 +21,13 @@ T = 4096 has 32, which would leave most SMs idle) every program writes its poole
 bumps a per-entry arrival counter; the LAST program of the entry reads the row back (from L2) and finishes it, so
 it is still one launch. The counters are reset by that program (a cached, zeroed buffer per device and stream).
 
+Design "tiles" (opt-in, ``config["design"] = "tiles"``; ``_compress_tiles_kernel``): the channel slices above read
+BLOCK_C * 4 bytes of each 2 KB row, and the programs running together share a slice, not a row (bad DRAM
+locality: block_c 128 ran 2.3x slower than 512 on the H100); ratio 128 walks 128 candidates serially; hd = 128
+gives tiny programs. Here a program loads one tile [entries, candidates / groups, hd] of whole rows at once, takes
+several entries when hd is small, and for ratio 128 splits the candidates (not the channels) over ``groups``
+programs numbered next to each other, merged by the last one to arrive as above.
+
 cos/sin of the entry positions come from ``rope.rope_cos_sin`` (as the reference), cached per ``inv_freq``
 tensor (by identity and version), so a call launches no torch kernels besides the Triton one.
 
@@ -59,6 +66,19 @@ CONFIGS: dict[int, list[dict]] = {
         [(None, 8, 4), (None, 8, 8), (None, 8, 2), (None, 4, 4), (256, 8, 4), (128, 8, 4)]],
     128: [dict(block_c=bc, rows=rows, num_warps=nw) for bc, rows, nw in
           [(None, 64, 4), (None, 128, 8), (None, 32, 4), (None, 16, 4), (32, 128, 4), (64, 64, 8)]],
+}
+
+# Design "tiles" (``_compress_tiles_kernel``, opt-in via ``config["design"] = "tiles"``): whole contiguous rows,
+# one load of [entries, candidates / groups, hd] per program, several entries per program for hd = 128, the
+# candidates split over ``groups`` programs (merged by the last one) for ratio 128. Swept by the bench next to
+# CONFIGS, per (ratio, head_dim) shape; DEFAULT_CONFIG switches to one of them only after the H100 numbers.
+TILES_CONFIGS: dict[tuple[int, int], list[dict]] = {
+    (4, 512): [dict(design="tiles", entries=e, groups=g, num_warps=w) for e, g, w in
+               [(1, 1, 2), (1, 1, 4), (1, 2, 2), (1, 2, 4), (2, 1, 4)]],
+    (128, 512): [dict(design="tiles", entries=1, groups=g, num_warps=w) for g, w in
+                 [(16, 4), (16, 2), (8, 8), (32, 2), (32, 4)]],
+    (4, 128): [dict(design="tiles", entries=e, groups=g, num_warps=w) for e, g, w in
+               [(4, 1, 4), (2, 1, 2), (8, 1, 8), (4, 1, 2), (2, 2, 2)]],
 }
 
 
@@ -169,6 +189,99 @@ def _compress_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_pt
             tl.store(count_ptr + entry, 0)                         # leave the cached counters zeroed
 
 
+@triton.jit
+def _finish_rows(pooled, entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
+                 HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr,
+                 AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr, ENTRIES: tl.constexpr):
+    """``_finish_row`` for ENTRIES rows at once: ``pooled`` [ENTRIES, HEAD_DIM], rows with ``valid`` False skipped."""
+    NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
+    dims = tl.arange(0, HEAD_DIM)
+    ms = tl.sum(pooled * pooled, axis=1) / HEAD_DIM
+    y = pooled * tl.rsqrt(ms + eps)[:, None] * tl.load(norm_w_ptr + dims).to(tl.float32)[None, :]
+    pair = tl.arange(0, HEAD_DIM // 2)
+    rot_pair = (pair >= NOPE // 2)[None, :]
+    table = entry[:, None] * (ROPE_DIM // 2) + pair[None, :] - NOPE // 2
+    cos = tl.load(cos_ptr + table, mask=rot_pair & valid[:, None], other=1.0)
+    sin = tl.load(sin_ptr + table, mask=rot_pair & valid[:, None], other=0.0)
+    even, odd = tl.split(tl.reshape(y, (ENTRIES, HEAD_DIM // 2, 2)))
+    # nope pairs pass through untouched (a rotation by 0 could flip the sign of an exact zero)
+    y = tl.reshape(tl.join(tl.where(rot_pair, even * cos - odd * sin, even),
+                           tl.where(rot_pair, odd * cos + even * sin, odd)), (ENTRIES, HEAD_DIM))
+    yb = _round_bf16(y, SOFT_ROUND)
+    if FP8_NOPE:
+        blocks = tl.reshape(yb.to(tl.float32), (ENTRIES, HEAD_DIM // QBLOCK, QBLOCK))
+        amax = tl.maximum(tl.max(tl.abs(blocks), axis=2), AMAX_FLOOR)
+        scale, inv_scale = _scale_bits(amax)
+        deq = _to_e4m3(blocks * inv_scale[:, :, None], SOFT_ROUND).to(tl.float32) * scale[:, :, None]
+        is_nope = (tl.arange(0, HEAD_DIM // QBLOCK) < NOPE // QBLOCK)[None, :, None]
+        yb = tl.reshape(tl.where(is_nope, deq, blocks), (ENTRIES, HEAD_DIM)).to(tl.bfloat16)   # exact: bf16 grid
+    tl.store(out_ptr + entry[:, None] * HEAD_DIM + dims[None, :], yb, mask=valid[:, None])
+
+
+@triton.jit
+def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, lse_ptr,
+                           count_ptr, n_entries, stride_row, eps,
+                           RATIO: tl.constexpr, OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           ROPE_DIM: tl.constexpr, ENTRIES: tl.constexpr, GROUPS: tl.constexpr,
+                           FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                           SOFT_ROUND: tl.constexpr):
+    """Design "tiles": a program loads ONE tile [ENTRIES, N_CAND / GROUPS, HEAD_DIM] of whole contiguous rows (no
+    loop, every load in flight at once) for ENTRIES consecutive entries and candidate group ``g``.
+    GROUPS = 1: it pools and finishes its rows. GROUPS > 1: it writes per-channel partials (the group's softmax
+    average ``part`` and log-sum-exp ``lse``; an all-absent group writes (0, -inf)) and the last of the GROUPS
+    programs of the entry block (arrival counter) merges them: pooled = sum_g e^(lse_g - M) part_g / sum_g e^(lse_g - M).
+    Programs are numbered group-fastest, so the groups of one entry block (one contiguous range of tokens) run
+    together."""
+    N_CAND: tl.constexpr = 2 * RATIO if OVERLAP else RATIO
+    ROWS: tl.constexpr = N_CAND // GROUPS
+    FIRST: tl.constexpr = RATIO if OVERLAP else 0               # candidate u sits at token RATIO*i - FIRST + u
+    pid = tl.program_id(0)
+    g = pid % GROUPS
+    eblock = pid // GROUPS
+    entry = eblock.to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
+    valid = entry < n_entries
+    u = g * ROWS + tl.arange(0, ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    token = entry[:, None] * RATIO - FIRST + u[None, :]                                     # [E, ROWS]
+    present = (token >= 0) & valid[:, None]
+    if OVERLAP:
+        col = dims[None, :] + HEAD_DIM * (u >= RATIO).to(tl.int64)[:, None]                # [ROWS, HD]
+    else:
+        col = dims[None, :] + tl.zeros([ROWS, 1], dtype=tl.int64)
+    offs = token[:, :, None] * stride_row + col[None, :, :]                                 # [E, ROWS, HD]
+    value = tl.load(a_ptr + offs, mask=present[:, :, None], other=0.0)
+    score = tl.load(s_ptr + offs, mask=present[:, :, None], other=0.0) \
+        + tl.load(ape_ptr + (u % RATIO)[:, None] * stride_row + col)[None, :, :]
+    score = tl.where(present[:, :, None], score, float("-inf"))
+    m = tl.max(score, axis=1)                                                               # [E, HD]
+    m_ref = tl.where(m == float("-inf"), 0.0, m)                 # an all-absent group keeps (l, acc) = (0, 0)
+    p = tl.exp(score - m_ref[:, None, :])
+    l = tl.sum(p, axis=1)
+    acc = tl.sum(p * value, axis=1)
+    if GROUPS == 1:
+        _finish_rows(acc / tl.where(valid[:, None], l, 1.0), entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM,
+                     FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
+    else:
+        has = l > 0.0
+        slot = (entry[:, None] * GROUPS + g) * HEAD_DIM + dims[None, :]
+        tl.store(part_ptr + slot, tl.where(has, acc / tl.where(has, l, 1.0), 0.0), mask=valid[:, None])
+        tl.store(lse_ptr + slot, tl.where(has, m_ref + tl.log(tl.where(has, l, 1.0)), float("-inf")),
+                 mask=valid[:, None])
+        tl.debug_barrier()                                         # every thread's partials are written first
+        arrived = tl.atomic_add(count_ptr + eblock, 1, sem="acq_rel", scope="gpu")
+        if arrived == GROUPS - 1:                                  # the last group of this entry block: merge
+            gs = tl.arange(0, GROUPS)
+            slots = (entry[:, None, None] * GROUPS + gs[None, :, None]) * HEAD_DIM + dims[None, None, :]
+            part = tl.load(part_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
+            lse = tl.load(lse_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
+            top = tl.max(lse, axis=1)                              # finite: the entry's own block is present
+            w = tl.exp(lse - top[:, None, :])
+            pooled = tl.sum(w * part, axis=1) / tl.sum(w, axis=1)
+            _finish_rows(pooled, entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM,
+                         FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
+            tl.store(count_ptr + eblock, 0)                        # leave the cached counters zeroed
+
+
 # ---- host side ----------------------------------------------------------------------------------------------
 _rope_tables: dict[int, tuple] = {}      # id(inv_freq) -> (weakref, version, {(ratio, device): (cos, sin)})
 _counters: dict[tuple, torch.Tensor] = {}
@@ -228,9 +341,13 @@ def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 def resolve_config(ratio: int, n_entries: int, head_dim: int, config: dict | None = None) -> dict:
-    """The launch parameters (block_c, rows, num_warps) used for ``n_entries`` entries: ``config`` over
-    ``DEFAULT_CONFIG[ratio]``, with ``block_c=None`` resolved and everything checked."""
+    """The launch parameters used for ``n_entries`` entries, everything checked. Design "channels" (the default):
+    (block_c, rows, num_warps) from ``config`` over ``DEFAULT_CONFIG[ratio]``, ``block_c=None`` resolved. Design
+    "tiles" (``config["design"] == "tiles"``): (design, entries, groups, num_warps), see ``_resolve_tiles``."""
+    if (config or {}).get("design", DEFAULT_CONFIG[ratio].get("design", "channels")) == "tiles":
+        return _resolve_tiles(ratio, head_dim, config)
     cfg = {**DEFAULT_CONFIG[ratio], **(config or {})}
+    cfg.pop("design", None)
     unknown = set(cfg) - {"block_c", "rows", "num_warps", "target_programs", "min_block_c"}
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}")
@@ -249,6 +366,24 @@ def resolve_config(ratio: int, n_entries: int, head_dim: int, config: dict | Non
     if cfg["num_warps"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {cfg['num_warps']!r}")
     return dict(block_c=block_c, rows=rows, num_warps=cfg["num_warps"])
+
+
+def _resolve_tiles(ratio: int, head_dim: int, config: dict) -> dict:
+    """Design "tiles" (``_compress_tiles_kernel``): ``entries`` consecutive entries per program (power of two,
+    default 1), the candidates split into ``groups`` programs per entry (power-of-two divisor of the 8 (r=4) or
+    128 (r=128) candidates, default 1), ``num_warps`` (default 4). Keys of the other design are refused."""
+    cfg = {"entries": 1, "groups": 1, "num_warps": 4, **{k: v for k, v in config.items() if k != "design"}}
+    unknown = set(cfg) - {"entries", "groups", "num_warps"}
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)} for design 'tiles' (entries, groups, num_warps)")
+    n_cand = 8 if ratio == 4 else ratio
+    for name, limit in (("entries", 64), ("groups", n_cand)):
+        v = cfg[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v > limit or v & (v - 1) or n_cand % v:
+            raise ValueError(f"{name}: expected a power of two in [1, {limit}], got {v!r}")
+    if cfg["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {cfg['num_warps']!r}")
+    return dict(design="tiles", entries=cfg["entries"], groups=cfg["groups"], num_warps=cfg["num_warps"])
 
 
 def compress_from_projections(A: torch.Tensor, S: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
@@ -286,6 +421,21 @@ def compress_from_projections(A: torch.Tensor, S: torch.Tensor, ape: torch.Tenso
     A, S = A.contiguous(), S.contiguous()
     ape32 = ape.to(torch.float32).contiguous()
     cos, sin = entry_cos_sin(inv_freq, ratio, n, A.device)
+    if cfg.get("design") == "tiles":
+        E, G = cfg["entries"], cfg["groups"]
+        blocks = triton.cdiv(n, E)
+        if G > 1:
+            part = torch.empty(2, n, G, head_dim, dtype=torch.float32, device=A.device)
+            counters = _arrival_counters(blocks, A.device)
+        else:
+            part, counters = out, out                              # unused (GROUPS = 1 never touches them)
+        _compress_tiles_kernel[(blocks * G,)](
+            A, S, ape32, norm_weight, cos, sin, out, part[0] if G > 1 else part, part[1] if G > 1 else part,
+            counters, n, A.stride(0), float(eps),
+            RATIO=ratio, OVERLAP=ratio == 4, HEAD_DIM=head_dim, ROPE_DIM=rope, ENTRIES=E, GROUPS=G,
+            FP8_NOPE=bool(fp8_nope and nope), QBLOCK=FP8_KV_BLOCK, AMAX_FLOOR=FP8_AMAX_FLOOR,
+            SOFT_ROUND=_INTERPRETED, num_warps=cfg["num_warps"])
+        return out
     split = cfg["block_c"] < head_dim
     pooled = torch.empty(n, head_dim, dtype=torch.float32, device=A.device) if split else out
     counters = _arrival_counters(n, A.device) if split else out
