@@ -198,3 +198,63 @@ def test_empty_and_input_contract(experts):
         with pytest.raises(err, match=match):
             mg.moe_gemv(*a, **k)
     assert math.isclose(mg.max_t_for(1), 16) and mg.max_t_for(17) == 32
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_x_quant_is_bitwise_the_quantised_path(experts, t):
+    """GemvConfig(fuse_x_quant=True): the gate/up kernel quantises x itself with the same 1x128 pow2 e4m3 recipe,
+    so with the same GEMM order the output equals quant_fp8 + moe_gemv bit for bit; x includes a block whose amax
+    sits below the 1e-4 floor (scale from the floor) and one with amax exactly 448 * 2^-3 (a power-of-two ratio)."""
+    _, _, ex = experts
+    x, w, ids = case(t)
+    x = x.clone()
+    x[0, :128] = (x[0, :128].float() * 1e-6).bfloat16()
+    x[-1, 128:256] = (x[-1, 128:256].float() / x[-1, 128:256].float().abs().max() * 56.0).bfloat16()
+    args = (w, ids, ex.w13, ex.w13_sf, ex.w2, ex.w2_sf)
+    kw = dict(n_routed=ex.n_routed, swiglu_limit=L)
+    x_q, x_sf = quant_fp8(x, 128)
+    plain = mg.moe_gemv(x_q, x_sf, *args, **kw)
+    fused = mg.moe_gemv_x(x, *args, **kw)
+    assert fused.dtype == x.dtype and torch.equal(fused, plain)
+    assert torch.equal(mg.moe_gemv_x(x, *args, **kw, config=mg.GemvConfig()), plain)    # unfused route
+    policy = dict(gm.LAYOUT_POLICY, gemv_max_tokens=8, gemv_config=mg.GemvConfig(fuse_x_quant=True))
+    assert torch.equal(gm.experts_forward(x, w, ids, ex, swiglu_limit=L, policy=policy), plain)
+
+
+@pytest.mark.parametrize("t", [1, 8])
+def test_split_k_and_launch_configs_match_the_default(experts, t):
+    """split_k=2 changes only the fp32 association of the gate/up sums (two partials added in split order): the
+    result stays within the module's end-to-end bound of the unsplit kernel and agrees almost everywhere; block
+    size / warps / stages change no arithmetic (each output column's sum is the same sequence), so bitwise."""
+    _, _, ex = experts
+    x, w, ids = case(t)
+    x_q, x_sf = quant_fp8(x, 128)
+    args = (x_q, x_sf, w, ids, ex.w13, ex.w13_sf, ex.w2, ex.w2_sf)
+    kw = dict(n_routed=ex.n_routed, swiglu_limit=L)
+    base = mg.moe_gemv(*args, **kw)
+    split = mg.moe_gemv(*args, **kw, config=mg.GemvConfig(split_k=2))
+    diff = (split.float() - base.float()).abs()
+    assert float(diff.max()) <= 2.0 ** -6 * float(base.float().abs().max())
+    assert float((diff == 0).float().mean()) >= 0.99
+    cfg = mg.GemvConfig(gate_warps=8, gate_stages=2, down_block_n=32, down_warps=2, down_stages=3)
+    assert torch.equal(mg.moe_gemv(*args, **kw, config=cfg), base)
+    fused_split = mg.moe_gemv_x(x, w, ids, *args[4:], **kw, config=mg.GemvConfig(split_k=2, fuse_x_quant=True))
+    assert torch.equal(fused_split, split)
+
+
+def test_config_contract(experts):
+    _, _, ex = experts
+    x, w, ids = case(1)
+    x_q, x_sf = quant_fp8(x, 128)
+    args = (x_q, x_sf, w, ids, ex.w13, ex.w13_sf, ex.w2, ex.w2_sf)
+    kw = dict(n_routed=ex.n_routed, swiglu_limit=L)
+    for cfg, field in ((mg.GemvConfig(split_k=3), "split_k"), (mg.GemvConfig(split_k=0), "split_k"),
+                       (mg.GemvConfig(down_block_n=48), "down_block_n"), (mg.GemvConfig(gate_warps=3), "gate_warps"),
+                       (mg.GemvConfig(down_stages=0), "down_stages")):
+        with pytest.raises(ValueError, match=f"config.{field}"):
+            mg.moe_gemv(*args, **kw, config=cfg)
+    with pytest.raises(TypeError, match="config"):
+        mg.moe_gemv(*args, **kw, config={"split_k": 2})
+    with pytest.raises(TypeError, match="x"):
+        mg.moe_gemv_x(x_q, *args[2:], **kw)                      # moe_gemv_x takes the unquantised x
+    assert mg.moe_gemv_x(x[:0], w[:0], ids[:0], *args[4:], **kw).shape == (0, D)

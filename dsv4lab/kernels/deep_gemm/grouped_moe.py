@@ -60,8 +60,9 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 #   expected_m: DeepGEMM's block-size hint for the masked kernel; None = ceil(T * k / E) (the mean routed group)
 #   gemv_max_tokens: up to this T the Triton weight-streaming GEMV path (triton/moe_gemv.py) instead of any grouped
 #   layout; 0 = off until the H100 records (bench/pr44367_megamoe.py, variants gemv_fp8*) show it wins
+#   gemv_config: triton/moe_gemv.GemvConfig of that path (None = its DEFAULT_CONFIG; variants gemv_cfg_* compare them)
 LAYOUT_POLICY: dict = {"masked_max_tokens": 64, "masked_min_tokens": None, "static_m_max_tokens": 256,
-                       "expected_m": None, "gemv_max_tokens": 0}
+                       "expected_m": None, "gemv_max_tokens": 0, "gemv_config": None}
 
 
 def layout_for(tokens: int, policy: dict | None = None) -> str:
@@ -360,13 +361,17 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
         raise ValueError(f"layout: expected 'contiguous', 'masked', 'gemv' or None, got {layout!r}")
     if t == 0:
         return torch.empty_like(x)
-    x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
     if layout == "gemv":   # ids already checked above when validate_ids
-        from ..triton.moe_gemv import moe_gemv
+        from ..triton.moe_gemv import DEFAULT_CONFIG, moe_gemv, moe_gemv_x
 
-        return moe_gemv(x_q.contiguous(), x_sf.contiguous(), weights.float().contiguous(), ids.contiguous(),
-                        experts.w13, experts.w13_sf, experts.w2, experts.w2_sf, n_routed=experts.n_routed,
-                        swiglu_limit=limit, out_dtype=x.dtype, validate_ids=False)
+        cfg = (LAYOUT_POLICY if policy is None else policy).get("gemv_config") or DEFAULT_CONFIG
+        args = (weights.float().contiguous(), ids.contiguous(), experts.w13, experts.w13_sf, experts.w2, experts.w2_sf)
+        kw = dict(n_routed=experts.n_routed, swiglu_limit=limit, out_dtype=x.dtype, validate_ids=False, config=cfg)
+        if x_quant is None and cfg.fuse_x_quant:
+            return moe_gemv_x(x.contiguous(), *args, **kw)
+        x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
+        return moe_gemv(x_q.contiguous(), x_sf.contiguous(), *args, **kw)
+    x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
     if layout == "masked":
         return _masked_forward(x, x_q, x_sf, weights, ids, experts, limit, masked_gemm or deep_gemm_masked, m_max,
                                expected_m, validate_ids, LAYOUT_POLICY if policy is None else policy)

@@ -42,12 +42,43 @@ import triton.language as tl
 
 from ..reference import _checks as chk
 from .moe_masked_layout import _INTERPRETED, combine_rows
+from .act_quant_fp8 import quant_rows_fp8
 from .swiglu_quant import AMAX_FLOOR, swiglu_fp8_rows
 
 QUANT_BLOCK = 128
 MAX_TOKENS = 64            # beyond this the grouped layouts win (the unit tile grows as next_pow2(T))
 BLOCK_N = 64               # output columns per program of the down projection
 NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch configuration (bench/pr44367_megamoe.py, variants gemv_cfg_*, compares these on the H100).
+
+    split_k: K ranges of the gate/up projection per (unit, 128 columns of h); > 1 writes fp32 partials and a small
+        epilogue kernel adds them in split order (deterministic, but a different fp32 association than split_k=1:
+        ulp-level differences). At T=1 Flash the unsplit grid is only 7 x 16 = 112 programs of 1 MiB each on 132 SMs.
+    fuse_x_quant: the gate/up kernel quantises x (act_quant_fp8's 1x128 pow2 e4m3, the bits of quant_fp8 for
+        finite x) instead of the ~15 torch launches of quant_fp8 before it (only through ``moe_gemv_x``).
+    gate_stages / down_stages: Triton software-pipelining depth (None = Triton's default).
+    fp8_dot: e4m3 operands go to the fp8 tensor-core MMA directly (no e4m3 -> fp16 conversion in registers; the MMA
+        accumulates one 128-deep K block with Hopper's reduced-precision fp8 accumulator, like DeepGEMM, before the
+        fp32 promotion); GPU only: under the interpreter every dot is fp32."""
+
+    split_k: int = 1
+    gate_warps: int = NUM_WARPS
+    gate_stages: int | None = None
+    down_block_n: int = BLOCK_N
+    down_warps: int = NUM_WARPS
+    down_stages: int | None = None
+    fuse_x_quant: bool = False
+    fp8_dot: bool = False
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+DEFAULT_CONFIG = GemvConfig()
 
 
 @triton.jit
@@ -83,20 +114,24 @@ def _unit(ids_ptr, u, n_tokens, k, n_routed, MAX_T: tl.constexpr, K_BLOCK: tl.co
 
 
 @triton.jit
-def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_ptr, rows_ptr, n_tokens, k, n_shared,
-                    n_routed, limit, HIDDEN: tl.constexpr, INTER: tl.constexpr, MAX_T: tl.constexpr,
-                    K_BLOCK: tl.constexpr, DOT_F32: tl.constexpr, SOFT: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_ptr, rows_ptr, part_ptr, n_tokens, k,
+                    n_shared, n_routed, limit, n_part_rows, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                    MAX_T: tl.constexpr, K_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, X_FLOAT: tl.constexpr,
+                    DOT_F32: tl.constexpr, FP8_DOT: tl.constexpr, SOFT: tl.constexpr, AMAX_FLOOR: tl.constexpr):
     N_KB: tl.constexpr = HIDDEN // 128
+    KB_PER_SPLIT: tl.constexpr = N_KB // SPLIT_K
     u = tl.program_id(0)
     hb = tl.program_id(1)
+    split = tl.program_id(2)
     group, hit, active, slot_row = _unit(ids_ptr, u, n_tokens, k, n_routed, MAX_T, K_BLOCK)
     tok = tl.arange(0, MAX_T)
     n_cols = k + n_shared
     routed = u < n_tokens * k
+    first_program = (hb == 0) & (split == 0)
     # scratch row of every slot (read by the combine): routed slot u -> its unit's row; shared unit -> all tokens
-    tl.store(rows_ptr + (u // k) * n_cols + u % k, slot_row, mask=routed & (hb == 0))
+    tl.store(rows_ptr + (u // k) * n_cols + u % k, slot_row, mask=routed & first_program)
     tl.store(rows_ptr + tok * n_cols + k + (u - n_tokens * k), u * MAX_T + tok,
-             mask=(tok < n_tokens) & (u >= n_tokens * k) & (hb == 0))
+             mask=(tok < n_tokens) & (u >= n_tokens * k) & first_program)
     if active:
         col = tl.arange(0, 128)
         hcol = hb * 128 + col                                             # columns of h = rows of w1 (w3: + INTER)
@@ -105,10 +140,17 @@ def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_pt
         x_rows = xq_ptr + tok.to(tl.int64)[None, :] * HIDDEN              # [1, MAX_T]
         acc_g = tl.zeros((128, MAX_T), tl.float32)
         acc_u = tl.zeros((128, MAX_T), tl.float32)
-        for kb in range(N_KB):
+        for kb_local in range(KB_PER_SPLIT):     # a constant trip count: the software pipeliner sees it
+            kb = split * KB_PER_SPLIT + kb_local
             kcol = kb * 128 + col
-            x_t = tl.load(x_rows + kcol[:, None], mask=hit[None, :], other=0.0)          # [128, MAX_T] = x^T
-            x_s = tl.load(xsf_ptr + tok * N_KB + kb, mask=hit, other=0.0)               # [MAX_T]
+            if X_FLOAT:   # x itself (bf16/fp16/fp32): quantised here (act_quant_fp8's math), no quant launches
+                x_blk = tl.load(xq_ptr + tok.to(tl.int64)[:, None] * HIDDEN + kcol[None, :], mask=hit[:, None],
+                                other=0.0).to(tl.float32)                                # [MAX_T, 128]
+                x_q_rows, x_s = quant_rows_fp8(x_blk, AMAX_FLOOR, SOFT)
+                x_t = tl.trans(x_q_rows)
+            else:
+                x_t = tl.load(x_rows + kcol[:, None], mask=hit[None, :], other=0.0)      # [128, MAX_T] = x^T
+                x_s = tl.load(xsf_ptr + tok * N_KB + kb, mask=hit, other=0.0)           # [MAX_T]
             w_g = tl.load(w_base + hcol[:, None] * HIDDEN + kcol[None, :])
             w_u = tl.load(w_base + (INTER + hcol)[:, None] * HIDDEN + kcol[None, :])
             s_g = tl.load(sf_base + hb * N_KB + kb)
@@ -116,15 +158,46 @@ def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_pt
             if DOT_F32:
                 p_g = tl.dot(w_g.to(tl.float32), x_t.to(tl.float32))
                 p_u = tl.dot(w_u.to(tl.float32), x_t.to(tl.float32))
+            elif FP8_DOT:   # e4m3 operands straight into the fp8 MMA (DeepGEMM's per-128-K-block accumulation)
+                p_g = tl.dot(w_g, x_t, out_dtype=tl.float32)
+                p_u = tl.dot(w_u, x_t, out_dtype=tl.float32)
             else:   # e4m3 values are exact in fp16; fp16 MMA accumulates in fp32
                 p_g = tl.dot(w_g.to(tl.float16), x_t.to(tl.float16), out_dtype=tl.float32)
                 p_u = tl.dot(w_u.to(tl.float16), x_t.to(tl.float16), out_dtype=tl.float32)
             acc_g += p_g * (x_s[None, :] * s_g)                            # pow2 scales: exact products
             acc_u += p_u * (x_s[None, :] * s_u)
-        gate = tl.trans(_round_bf16(acc_g, SOFT))                          # [MAX_T, 128]
-        up = tl.trans(_round_bf16(acc_u, SOFT))
-        q, scale = swiglu_fp8_rows(gate, up, limit, AMAX_FLOOR, SOFT)
         out_row = (u * MAX_T + tok).to(tl.int64)
+        if SPLIT_K == 1:
+            gate = tl.trans(_round_bf16(acc_g, SOFT))                      # [MAX_T, 128]
+            up = tl.trans(_round_bf16(acc_u, SOFT))
+            q, scale = swiglu_fp8_rows(gate, up, limit, AMAX_FLOOR, SOFT)
+            tl.store(hq_ptr + out_row[:, None] * INTER + hcol[None, :], q, mask=hit[:, None])
+            tl.store(hsf_ptr + out_row * (INTER // 128) + hb, scale, mask=hit)
+        else:         # fp32 partial of this K range; _gate_up_finish_kernel adds the splits in order
+            part = part_ptr + (split * n_part_rows + out_row)[None, :] * (2 * INTER)
+            tl.store(part + hcol[:, None], acc_g, mask=hit[None, :])
+            tl.store(part + (INTER + hcol)[:, None], acc_u, mask=hit[None, :])
+
+
+@triton.jit
+def _gate_up_finish_kernel(part_ptr, ids_ptr, hq_ptr, hsf_ptr, n_tokens, k, n_routed, limit, n_part_rows,
+                           INTER: tl.constexpr, MAX_T: tl.constexpr, K_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr,
+                           SOFT: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """Split-K epilogue: gate/up = sum of the SPLIT_K fp32 partials in split order -> bf16 -> SwiGLU-quant."""
+    u = tl.program_id(0)
+    hb = tl.program_id(1)
+    group, hit, active, slot_row = _unit(ids_ptr, u, n_tokens, k, n_routed, MAX_T, K_BLOCK)
+    if active:
+        tok = tl.arange(0, MAX_T)
+        hcol = hb * 128 + tl.arange(0, 128)
+        out_row = (u * MAX_T + tok).to(tl.int64)
+        acc_g = tl.zeros((MAX_T, 128), tl.float32)
+        acc_u = tl.zeros((MAX_T, 128), tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            part = part_ptr + (split * n_part_rows + out_row)[:, None] * (2 * INTER)
+            acc_g += tl.load(part + hcol[None, :], mask=hit[:, None], other=0.0)
+            acc_u += tl.load(part + (INTER + hcol)[None, :], mask=hit[:, None], other=0.0)
+        q, scale = swiglu_fp8_rows(_round_bf16(acc_g, SOFT), _round_bf16(acc_u, SOFT), limit, AMAX_FLOOR, SOFT)
         tl.store(hq_ptr + out_row[:, None] * INTER + hcol[None, :], q, mask=hit[:, None])
         tl.store(hsf_ptr + out_row * (INTER // 128) + hb, scale, mask=hit)
 
@@ -132,7 +205,7 @@ def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_pt
 @triton.jit
 def _down_kernel(hq_ptr, hsf_ptr, ids_ptr, w2_ptr, w2sf_ptr, out_ptr, n_tokens, k, n_routed,
                  HIDDEN: tl.constexpr, INTER: tl.constexpr, MAX_T: tl.constexpr, K_BLOCK: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, SOFT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, FP8_DOT: tl.constexpr, SOFT: tl.constexpr):
     N_KB: tl.constexpr = INTER // 128
     u = tl.program_id(0)
     nb = tl.program_id(1)
@@ -153,6 +226,8 @@ def _down_kernel(hq_ptr, hsf_ptr, ids_ptr, w2_ptr, w2sf_ptr, out_ptr, n_tokens, 
             s = tl.load(sf_base + kb)
             if DOT_F32:
                 p = tl.dot(w.to(tl.float32), h_t.to(tl.float32))
+            elif FP8_DOT:
+                p = tl.dot(w, h_t, out_dtype=tl.float32)
             else:
                 p = tl.dot(w.to(tl.float16), h_t.to(tl.float16), out_dtype=tl.float32)
             acc += p * (h_s[None, :] * s)
@@ -176,16 +251,20 @@ def max_t_for(tokens: int) -> int:
     return max(16, triton.next_power_of_2(max(tokens, 1)))
 
 
-def check_gemv_args(x_q, x_sf, weights, ids, w13, w13_sf, w2, w2_sf, n_routed, swiglu_limit) -> tuple:
-    """Input contract of ``moe_gemv`` (module docstring); returns (T, k, D, I, G, limit). Raises before any launch."""
-    chk.tensor("x_q", x_q, (torch.float8_e4m3fn,), dim=2)
+def check_gemv_args(x_q, x_sf, weights, ids, w13, w13_sf, w2, w2_sf, n_routed, swiglu_limit,
+                    x_float: bool = False) -> tuple:
+    """Input contract of ``moe_gemv`` (module docstring); returns (T, k, D, I, G, limit). Raises before any launch.
+    ``x_float``: ``x_q`` is the unquantised x (bf16/fp16/fp32 [T, D], ``moe_gemv_x``) and ``x_sf`` is not used."""
+    name = "x" if x_float else "x_q"
+    chk.tensor(name, x_q, (torch.bfloat16, torch.float16, torch.float32) if x_float else (torch.float8_e4m3fn,), dim=2)
     t, d = x_q.shape
     if d % QUANT_BLOCK:
-        raise ValueError(f"x_q: expected [T, D] with D a multiple of {QUANT_BLOCK}, got {tuple(x_q.shape)}")
+        raise ValueError(f"{name}: expected [T, D] with D a multiple of {QUANT_BLOCK}, got {tuple(x_q.shape)}")
     if t > MAX_TOKENS:
-        raise ValueError(f"x_q: the GEMV path takes at most {MAX_TOKENS} tokens, got T={t} (use the grouped layouts)")
-    chk.tensor("x_sf", x_sf, (torch.float32,), dim=2)
-    chk.shape("x_sf", x_sf, (t, d // QUANT_BLOCK))
+        raise ValueError(f"{name}: the GEMV path takes at most {MAX_TOKENS} tokens, got T={t} (use the grouped layouts)")
+    if not x_float:
+        chk.tensor("x_sf", x_sf, (torch.float32,), dim=2)
+        chk.shape("x_sf", x_sf, (t, d // QUANT_BLOCK))
     chk.tensor("ids", ids, chk.INT_DTYPES, dim=2)
     if ids.shape[0] != t or ids.shape[1] < 1:
         raise ValueError(f"ids: expected [{t}, k] with k >= 1 (one row per token of x_q), got {tuple(ids.shape)}")
@@ -206,59 +285,128 @@ def check_gemv_args(x_q, x_sf, weights, ids, w13, w13_sf, w2, w2_sf, n_routed, s
     if n_routed > g:
         raise ValueError(f"n_routed: expected <= the {g} groups of w13, got {n_routed}")
     limit = chk.positive_float("swiglu_limit", swiglu_limit)
-    named = dict(x_q=x_q, x_sf=x_sf, weights=weights, ids=ids, w13=w13, w13_sf=w13_sf, w2=w2, w2_sf=w2_sf)
+    named = {name: x_q, **({} if x_float else {"x_sf": x_sf}), "weights": weights, "ids": ids, "w13": w13,
+             "w13_sf": w13_sf, "w2": w2, "w2_sf": w2_sf}
     for name, x in named.items():
         if not x.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor")
     chk.same_device(**named)
     if x_q.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"x_q: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x_q.device}")
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x_q.device}")
     return t, ids.shape[1], d, inter, g, limit
 
 
-def gate_up_swiglu(x_q, x_sf, ids, w13, w13_sf, n_routed: int, limit: float) -> GemvScratch:
-    """Kernel 1 (no checks: ``moe_gemv`` validates): per unit, h = swiglu_quant(bf16(x_q W13^T)) -> scratch."""
+def _stages(n: int | None) -> dict:
+    return {} if n is None else {"num_stages": n}
+
+
+def check_config(config: GemvConfig, hidden: int, inter: int) -> None:
+    """Raises ValueError naming the field when ``config`` cannot run these shapes (before any launch)."""
+    if not isinstance(config, GemvConfig):
+        raise TypeError(f"config: expected a GemvConfig, got {type(config).__name__}")
+    n_kb = hidden // QUANT_BLOCK
+    if config.split_k < 1 or n_kb % config.split_k:
+        raise ValueError(f"config.split_k: expected a divisor of D/128 = {n_kb}, got {config.split_k}")
+    if config.down_block_n not in (16, 32, 64, 128):
+        raise ValueError(f"config.down_block_n: expected 16, 32, 64 or 128, got {config.down_block_n}")
+    for name in ("gate_warps", "down_warps"):
+        if getattr(config, name) not in (1, 2, 4, 8):
+            raise ValueError(f"config.{name}: expected 1, 2, 4 or 8, got {getattr(config, name)}")
+    for name in ("gate_stages", "down_stages"):
+        v = getattr(config, name)
+        if v is not None and not 1 <= v <= 6:
+            raise ValueError(f"config.{name}: expected None or 1..6, got {v}")
+
+
+def gate_up_swiglu(x_q, x_sf, ids, w13, w13_sf, n_routed: int, limit: float, config: GemvConfig = DEFAULT_CONFIG,
+                   x: torch.Tensor | None = None) -> GemvScratch:
+    """Kernel 1 (no checks: ``moe_gemv`` validates): per unit, h = swiglu_quant(bf16(x_q W13^T)) -> scratch.
+    With ``x`` (float [T, D]) the kernel quantises x itself and ``x_q`` / ``x_sf`` are ignored (may be None)."""
     t, k = ids.shape
     g, two_i, d = w13.shape
     inter, n_shared = two_i // 2, g - n_routed
     max_t = max_t_for(t)
     units = t * k + n_shared
-    h_q = torch.empty((units * max_t, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
-    h_sf = torch.empty((units * max_t, inter // QUANT_BLOCK), dtype=torch.float32, device=x_q.device)
-    rows = torch.empty((t, k + n_shared), dtype=torch.int32, device=x_q.device)
-    _gate_up_kernel[(units, inter // QUANT_BLOCK)](
-        x_q, x_sf, ids, w13, w13_sf, h_q, h_sf, rows, t, k, n_shared, n_routed, limit, HIDDEN=d, INTER=inter,
-        MAX_T=max_t, K_BLOCK=triton.next_power_of_2(k), DOT_F32=_INTERPRETED, SOFT=_INTERPRETED,
-        AMAX_FLOOR=AMAX_FLOOR, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    dev = w13.device
+    h_q = torch.empty((units * max_t, inter), dtype=torch.float8_e4m3fn, device=dev)
+    h_sf = torch.empty((units * max_t, inter // QUANT_BLOCK), dtype=torch.float32, device=dev)
+    rows = torch.empty((t, k + n_shared), dtype=torch.int32, device=dev)
+    split = config.split_k
+    part = torch.empty((split, units * max_t, two_i) if split > 1 else (1,), dtype=torch.float32, device=dev)
+    fused = x is not None
+    xq_arg, xsf_arg = (x, x) if fused else (x_q, x_sf)     # x_sf unused when fused
+    k_block = triton.next_power_of_2(k)
+    _gate_up_kernel[(units, inter // QUANT_BLOCK, split)](
+        xq_arg, xsf_arg, ids, w13, w13_sf, h_q, h_sf, rows, part, t, k, n_shared, n_routed, limit, units * max_t,
+        HIDDEN=d, INTER=inter, MAX_T=max_t, K_BLOCK=k_block, SPLIT_K=split, X_FLOAT=fused, DOT_F32=_INTERPRETED,
+        FP8_DOT=config.fp8_dot, SOFT=_INTERPRETED, AMAX_FLOOR=AMAX_FLOOR, num_warps=config.gate_warps,
+        enable_fp_fusion=False, **_stages(config.gate_stages))
+    if split > 1:
+        _gate_up_finish_kernel[(units, inter // QUANT_BLOCK)](
+            part, ids, h_q, h_sf, t, k, n_routed, limit, units * max_t, INTER=inter, MAX_T=max_t, K_BLOCK=k_block,
+            SPLIT_K=split, SOFT=_INTERPRETED, AMAX_FLOOR=AMAX_FLOOR, num_warps=4, enable_fp_fusion=False)
     return GemvScratch(h_q, h_sf, rows, max_t)
 
 
-def down_proj(scratch: GemvScratch, ids, w2, w2_sf, n_routed: int) -> torch.Tensor:
+def down_proj(scratch: GemvScratch, ids, w2, w2_sf, n_routed: int, config: GemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """Kernel 2 (no checks): per unit, out = bf16(h_q W2^T) -> bf16 [U * max_t, D] (rows of ``scratch``)."""
     t, k = ids.shape
     g, d, inter = w2.shape
     units = t * k + g - n_routed
     out = torch.empty((units * scratch.max_t, d), dtype=torch.bfloat16, device=w2.device)
-    _down_kernel[(units, triton.cdiv(d, BLOCK_N))](
+    _down_kernel[(units, triton.cdiv(d, config.down_block_n))](
         scratch.h_q, scratch.h_sf, ids, w2, w2_sf, out, t, k, n_routed, HIDDEN=d, INTER=inter, MAX_T=scratch.max_t,
-        K_BLOCK=triton.next_power_of_2(k), BLOCK_N=BLOCK_N, DOT_F32=_INTERPRETED, SOFT=_INTERPRETED,
-        num_warps=NUM_WARPS, enable_fp_fusion=False)
+        K_BLOCK=triton.next_power_of_2(k), BLOCK_N=config.down_block_n, DOT_F32=_INTERPRETED,
+        FP8_DOT=config.fp8_dot, SOFT=_INTERPRETED,
+        num_warps=config.down_warps, enable_fp_fusion=False, **_stages(config.down_stages))
     return out
 
 
 def moe_gemv(x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
              w13_sf: torch.Tensor, w2: torch.Tensor, w2_sf: torch.Tensor, *, n_routed: int, swiglu_limit: float,
-             out_dtype: torch.dtype = torch.bfloat16, validate_ids: bool = True) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.bfloat16, validate_ids: bool = True,
+             config: GemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """``y [T, D]`` (out_dtype) = sum over slots of w * expert(x) + the shared slices (module docstring).
 
     ``validate_ids=True`` checks on the host that every id is in [0, n_routed) (one device sync); ``False`` never
     syncs (CUDA-graph capturable) and drops out-of-range ids. A token repeating an expert is computed correctly
-    (both slots read the same unit row)."""
-    t, k, d, _, _, limit = check_gemv_args(x_q, x_sf, weights, ids, w13, w13_sf, w2, w2_sf, n_routed, swiglu_limit)
+    (both slots read the same unit row). ``config``: launch configuration (``GemvConfig``; ``fuse_x_quant`` has no
+    effect here: x arrives quantised)."""
+    t, k, d, inter, _, limit = check_gemv_args(x_q, x_sf, weights, ids, w13, w13_sf, w2, w2_sf, n_routed,
+                                               swiglu_limit)
+    check_config(config, d, inter)
     if validate_ids:
         chk.index_range("ids", ids, 0, n_routed, "expert ids")
     if t == 0:
         return torch.empty((0, d), dtype=out_dtype, device=x_q.device)
-    scratch = gate_up_swiglu(x_q, x_sf, ids, w13, w13_sf, n_routed, limit)
-    out = down_proj(scratch, ids, w2, w2_sf, n_routed)
+    scratch = gate_up_swiglu(x_q, x_sf, ids, w13, w13_sf, n_routed, limit, config)
+    out = down_proj(scratch, ids, w2, w2_sf, n_routed, config)
+    return combine_rows(out, scratch.rows, weights, out_dtype, check_rows=False)
+
+
+def moe_gemv_x(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w13_sf: torch.Tensor,
+               w2: torch.Tensor, w2_sf: torch.Tensor, *, n_routed: int, swiglu_limit: float,
+               out_dtype: torch.dtype | None = None, validate_ids: bool = True,
+               config: GemvConfig = GemvConfig(fuse_x_quant=True)) -> torch.Tensor:
+    """``moe_gemv`` from the unquantised ``x`` (bf16/fp16/fp32 [T, D]; out_dtype defaults to x's): with
+    ``config.fuse_x_quant`` the gate/up kernel quantises x per 1x128 block itself (same bits as quant_fp8 for
+    finite x: three launches in all), else quant_fp8 runs first. Everything else as ``moe_gemv``."""
+    if not config.fuse_x_quant:
+        from ...quant import FP8_AMAX_FLOOR, quant_fp8
+
+        chk.tensor("x", x, (torch.bfloat16, torch.float16, torch.float32), dim=2)
+        x_q, x_sf = quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
+        return moe_gemv(x_q.contiguous(), x_sf.contiguous(), weights, ids, w13, w13_sf, w2, w2_sf, n_routed=n_routed,
+                        swiglu_limit=swiglu_limit, out_dtype=out_dtype or x.dtype, validate_ids=validate_ids,
+                        config=config)
+    t, k, d, inter, _, limit = check_gemv_args(x, None, weights, ids, w13, w13_sf, w2, w2_sf, n_routed, swiglu_limit,
+                                               x_float=True)
+    check_config(config, d, inter)
+    if validate_ids:
+        chk.index_range("ids", ids, 0, n_routed, "expert ids")
+    out_dtype = out_dtype or x.dtype
+    if t == 0:
+        return torch.empty((0, d), dtype=out_dtype, device=x.device)
+    scratch = gate_up_swiglu(None, None, ids, w13, w13_sf, n_routed, limit, config, x=x)
+    out = down_proj(scratch, ids, w2, w2_sf, n_routed, config)
     return combine_rows(out, scratch.rows, weights, out_dtype, check_rows=False)
