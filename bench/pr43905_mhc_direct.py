@@ -64,14 +64,22 @@ VARIANT_KERNELS = ("onepass_pre", "onepass_fused", "onepass_head")
 # in its own subprocess, checked for numerics and timed per op (mhc_post has one design); plus two tuning variants
 DESIGN_OPS = ("mhc_pre", "mhc_fused_post_pre", "hc_head")
 NEW_DESIGNS = ("one_pass", "l2_chunked")
+# (session 3: one_pass_bt16, one_pass_c16 and l2_chunked_32mb were dropped -- slower than one_pass / l2_chunked in
+# the 18:01 H100 run, see data/results/h100 -- to keep this phase under 60 s with the issue #6 latency designs)
 VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass"},
             "l2_chunked": {"design": "l2_chunked"}, "auto": {"design": "auto"},
-            "one_pass_bt16": {"design": "one_pass", "onepass_block_tokens": 16},
-            # 16-CTA clusters (non-portable size; Flash only: Pro's D/16 is not a multiple of 128): half the fn
-            # slice per CTA, for T = 1 latency
-            "one_pass_c16": {"design": "one_pass", "onepass_cluster": 16},
-            "l2_chunked_32mb": {"design": "l2_chunked", "l2_chunk_mb": 32}}
-SMOKED_VARIANTS = ("one_pass", "l2_chunked", "one_pass_bt16", "one_pass_c16", "l2_chunked_32mb")
+            # issue #6 (_mhc_overlap): FMA split-K projection + v3 epilogue up to 32 tokens, two_pass + v3 above
+            "small_t": {"design": "small_t", "overlap_epilogue": True},
+            "small_t_256": {"design": "small_t", "overlap_epilogue": True, "small_t_max_tokens": 256},
+            # the v3 epilogue (Sinkhorn on warp 0 overlapped with the collapse) in the existing designs
+            "two_pass_v3": {"design": "two_pass", "overlap_epilogue": True},
+            "l2_chunked_v3": {"design": "l2_chunked", "overlap_epilogue": True}}
+OVERLAP_VARIANTS = ("small_t", "small_t_256", "two_pass_v3", "l2_chunked_v3")
+OVERLAP_OPS = ("mhc_pre", "mhc_fused_post_pre")   # hc_head has no Sinkhorn: these variants do not change it
+SMOKED_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS
+NUMERICS_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS   # step 1b: numerics + graph per variant
+# kernels the new variants need (warm-up + load): a failure disables those variants only
+OVERLAP_KERNELS = {"small_proj24": ("small_t", "small_t_256"), "pre_epi_v3": OVERLAP_VARIANTS}
 VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
 DESIGN_NUMERICS_TOKENS = [1, 70, 1000]   # 1000 > one chunk of l2_chunked (512 Flash / 256 Pro tokens)
@@ -184,8 +192,7 @@ def default_design() -> str:
 def warm_jobs() -> list[str]:
     jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")
             + VARIANT_KERNELS]
-    jobs += [f"tl:flash:{k}_bt16" for k in VARIANT_KERNELS]   # VARIANTS["one_pass_bt16"] (Pro's default is 16)
-    jobs += [f"tl:flash:{k}_c16" for k in VARIANT_KERNELS]    # VARIANTS["one_pass_c16"]
+    jobs += [f"tl:{p}:{k}" for p in PRESETS for k in OVERLAP_KERNELS]
     return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
 
 
@@ -194,6 +201,7 @@ def tl_kernel(preset: str, kind: str):
     from dsv4lab.config import get_config
     from dsv4lab.kernels.tilelang import _mhc_common as common
     from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
+    from dsv4lab.kernels.tilelang import _mhc_overlap as overlap
     from dsv4lab.kernels.tilelang import hc_head, mhc_fused_post_pre, mhc_post, mhc_pre
 
     d, arch = get_config(preset).hidden_size, common.device_arch()
@@ -215,7 +223,10 @@ def tl_kernel(preset: str, kind: str):
             "onepass_pre": lambda: onepass.kernel_for("pre", d, None, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS),
             "onepass_fused": lambda: onepass.kernel_for("fused", d, None, "bfloat16", RMS_EPS, HC_EPS, POST_MULT,
                                                         ITERS),
-            "onepass_head": lambda: onepass.kernel_for("head", d, None, None, RMS_EPS, HC_EPS)}[kind]()
+            "onepass_head": lambda: onepass.kernel_for("head", d, None, None, RMS_EPS, HC_EPS),
+            "small_proj24": lambda: overlap.small_proj_kernel(4 * d, 24, arch),
+            "pre_epi_v3": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS,
+                                                              "v3")}[kind]()
 
 
 def run_warm_job(job: str) -> dict[str, Any]:
@@ -550,7 +561,7 @@ def numerics_case(R: Runner, preset: str, op: str, t: int, impl: Callable, backe
     return recs
 
 
-def graph_and_determinism(R: Runner, preset: str, op: str, t: int) -> list[dict]:
+def graph_and_determinism(R: Runner, preset: str, op: str, t: int, design: str | None = None) -> list[dict]:
     """Two eager calls and one CUDA-graph replay of the TileLang op: all bitwise equal (no atomics anywhere)."""
     import torch
 
@@ -569,7 +580,7 @@ def graph_and_determinism(R: Runner, preset: str, op: str, t: int) -> list[dict]
     torch.cuda.synchronize()
     det = all(torch.equal(x, y) for x, y in zip(a, b))
     gr = all(torch.equal(x, y) for x, y in zip(a, static))
-    design = default_design()
+    design = design or default_design()
     R.summary.append(f"bitwise {op:<19} {design:<10} {preset:<5} T={t:<5} eager==eager {det}  eager==graph {gr}")
     return [R.rec(op, "tilelang", "eager_vs_eager", preset, t, "bitwise_equal", "bool", det, design=design),
             R.rec(op, "tilelang", "eager_vs_graph", preset, t, "bitwise_equal", "bool", gr, design=design)]
@@ -638,12 +649,16 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
         with tuning(**over):
             resolved = common.design_for(t, d)
             key = (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
-                   common.chunk_tokens(d) if resolved == "l2_chunked" else None)
+                   common.chunk_tokens(d) if resolved == "l2_chunked" else None,
+                   # the pre epilogue in use (small_t always runs v3)
+                   bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t")
             for op in DESIGN_OPS:
+                if vname in OVERLAP_VARIANTS and op not in OVERLAP_OPS:
+                    continue   # hc_head: identical launches to two_pass / l2_chunked
                 base_rec = dict(design=vname, resolved_design=resolved, default_design=R.default_design,
                                 tuning=dict(common.TUNING))
                 smoked = vname if vname in SMOKED_VARIANTS else resolved   # "auto" -> the design it resolves to
-                if resolved != "two_pass" and not design_ok.get((op, smoked), False):
+                if (resolved != "two_pass" or vname in SMOKED_VARIANTS) and not design_ok.get((op, smoked), False):
                     recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "unavailable", None, None,
                                       reason=f"{smoked} failed to load or its subprocess smoke test", **base_rec))
                     continue
@@ -804,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             R.save([R.rec("-", "-", "peaks", None, None, "error", None, None, message=f"{type(e).__name__}: {e}")])
     available = {op: True for op in OPS}
-    design_ok = {(op, v): True for op in DESIGN_OPS for v in SMOKED_VARIANTS}   # (op, variant): smoke passed
+    design_ok = {(op, v): True for op in DESIGN_OPS for v in SMOKED_VARIANTS   # (op, variant): smoke passed
+                 if v not in OVERLAP_VARIANTS or op in OVERLAP_OPS}
     if not dry:
         if not args.no_warm:
             jobs = [j for j in warm_jobs() if not j.startswith("tl:") or j.split(":")[1] in args.presets]
@@ -822,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
         needs = {"mhc_pre": ("gemm24", "pre_epi"), "mhc_post": ("post",), "mhc_fused_post_pre": ("fused", "pre_epi"),
                  "hc_head": ("gemm4", "head_epi")}
         for p in args.presets:
-            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post") + VARIANT_KERNELS:
+            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post") + VARIANT_KERNELS + tuple(
+                    OVERLAP_KERNELS):
                 t0 = time.perf_counter()
                 try:
                     tl_kernel(p, kind)
@@ -832,8 +849,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  TileLang {kind} ({p}) FAILED: {msg}")
                     R.save([R.rec(kind, "tilelang", "load", p, None, "error", None, None, message=msg)])
                     for op, ks in needs.items():
-                        if kind in ks:
+                        if kind in ks and kind not in OVERLAP_KERNELS:
                             available[op] = False
+                    for v in OVERLAP_KERNELS.get(kind, ()):
+                        for op in OVERLAP_OPS:
+                            design_ok[(op, v)] = False
                     if kind in VARIANT_KERNELS:   # onepass_pre -> mhc_pre, ...
                         op = {"pre": "mhc_pre", "fused": "mhc_fused_post_pre", "head": "hc_head"}[kind.split("_")[1]]
                         for v in SMOKED_VARIANTS:
@@ -891,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 1b. issue #6 first (the budget cuts the tail): numerics of the new designs where the smoke passed --
     for p in args.presets:
         for (op, design), ok in design_ok.items():
-            if design not in NEW_DESIGNS:
+            if design not in NUMERICS_VARIANTS:
                 continue
             if not ok:
                 R.save([R.rec(op, "tilelang", f"design:{design}", p, None, "unavailable", None, None, design=design,
@@ -899,14 +919,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for t in design_numerics_tokens:
                 def case(op=op, t=t, p=p, design=design):
-                    with tuning(design=design):
+                    with tuning(**VARIANTS[design]):
                         return numerics_case(R, p, op, t, tilelang_call,
                                              "tilelang" if not dry else "tilelang(emulated)", design=design)
                 R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=40)
-            for t in (() if dry else (1, 1000)):
+            for t in (() if dry else (1, 1000) if design in NEW_DESIGNS else (1, 70)):
                 def bitwise(op=op, t=t, p=p, design=design):
-                    with tuning(design=design):
-                        return graph_and_determinism(R, p, op, t)
+                    with tuning(**VARIANTS[design]):
+                        return graph_and_determinism(R, p, op, t, design)
                 R.guarded(f"graph/determinism {op} [{design}] {p} T={t}", bitwise, op=op, preset=p, tokens=t,
                           min_left=40)
 

@@ -116,6 +116,10 @@ def install(setattr_) -> None:
     setattr_(tl_post, "post_kernel", lambda d, arch: Emulated(tl_post.post_func(d), emu_post))
     setattr_(tl_fused, "post_prenorm_gemm_kernel", lambda d, arch, **kw: Emulated(
         tl_fused.post_prenorm_gemm_func(d), emu_fused_gemm))
+    from dsv4lab.kernels.tilelang import _mhc_overlap as overlap
+
+    setattr_(overlap, "small_proj_kernel", lambda nd, n_mix, arch: Emulated(overlap.small_proj_func(nd, n_mix),
+                                                                           emu_gemm))   # same partials contract
     install_onepass(setattr_)
 
 

@@ -50,13 +50,20 @@ TUNING = {
     #                 fused op, the pre half's read of the new residual) hits L2: 10TD / 20TD from HBM;
     #   "auto":       one_pass for T <= onepass_max_tokens, l2_chunked when T spans > 1 chunk, else two_pass.
     # The bench times every design (variant "design:<name>") and records which one is the default.
+    #   "small_t":    (issue #6, opt-in) for T <= ``small_t_max_tokens``: an FMA split-K projection over 128-element
+    #                 K slices (_mhc_overlap.small_proj) + the "v3" epilogue (Sinkhorn on warp 0 overlapped with the
+    #                 collapse); mhc_pre and the pre half of the fused op only (hc_head: two_pass). Above: two_pass.
     "design": "two_pass",
+    "small_t_max_tokens": 32,      # small_t: the largest T it handles (then two_pass)
+    # mhc_pre epilogue (issue #6, opt-in): True = "v3" (_mhc_overlap: one CTA per token, Sinkhorn lane-parallel on
+    # warp 0 while warps 1-7 collapse) in two_pass / l2_chunked; False = TUNING["epilogue"] (v1 / v2)
+    "overlap_epilogue": False,
     "onepass_cluster": 8,          # CTAs per cluster (D split); 8 = the portable maximum
     "onepass_block_tokens": 0,     # tokens per cluster; 0 = auto (32 for D <= 4096, else 16)
     "onepass_max_tokens": 256,     # "auto": one_pass up to this T
     "l2_chunk_mb": 16,             # l2_chunked: residual bytes per chunk (H100 L2: 50 MB, two partitions)
 }
-DESIGNS = ("two_pass", "one_pass", "l2_chunked", "auto")
+DESIGNS = ("two_pass", "one_pass", "l2_chunked", "auto", "small_t")
 ONEPASS_CHUNK = 128    # K step of the one-pass projection: D / cluster must be a multiple of it
 
 
@@ -87,6 +94,8 @@ def design_for(tokens: int, d: int) -> str:
             design = "one_pass"
         else:
             design = "l2_chunked" if tokens > chunk_tokens(d) else "two_pass"
+    if design == "small_t" and tokens > TUNING["small_t_max_tokens"]:
+        return "two_pass"
     if design == "one_pass" and onepass_cluster(d) is None:
         return "two_pass"
     if design == "l2_chunked" and tokens <= chunk_tokens(d):

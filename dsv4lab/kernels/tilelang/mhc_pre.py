@@ -203,8 +203,12 @@ def pre_epilogue_func(d: int, norm_dtype: str | None, rms_eps: float, hc_eps: fl
     ``design``: "v2" (default) reduces the splits of all the block's tokens at once (``block_reduce_macro``);
     "v1" (the first H100 run) reduces them token by token with a block-wide tree. Both then run Sinkhorn on one
     thread per token (all the block's tokens in parallel) and the collapse + RMSNorm token by token."""
+    if design == "v3":   # issue #6: one CTA per token, Sinkhorn overlapped with the collapse (_mhc_overlap)
+        from . import _mhc_overlap as overlap
+
+        return overlap.overlap_epilogue_func(d, norm_dtype, rms_eps, hc_eps, post_mult, sinkhorn_iters)
     if design not in ("v1", "v2"):
-        raise ValueError(f"design: expected 'v1' or 'v2', got {design!r}")
+        raise ValueError(f"design: expected 'v1', 'v2' or 'v3', got {design!r}")
     import tilelang.language as T
 
     n = common.HC_MULT
@@ -322,7 +326,7 @@ def run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scal
     arch = common.device_arch(residual.device)
     norm_dtype = norm_dtype_of(norm_weight)
     kernel = pre_epilogue_kernel(d, arch, norm_dtype, rms_eps, hc_eps, post_mult, iters,
-                                 epilogue_design(mix_part.shape[0]))
+                                 pre_epilogue_design(mix_part.shape[0]))
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(residual.device.index or 0)))
     kernel(mix_part, sq_part, residual, scale, base, _weight_or_placeholder(norm_weight, d, residual.device),
            layer_input, post, comb, tpb)
@@ -335,6 +339,12 @@ def epilogue_design(n_splits: int) -> str:
     if design == "auto":
         return "v2" if n_splits <= common.TUNING["v2_max_splits"] else "v1"
     return design
+
+
+def pre_epilogue_design(n_splits: int) -> str:
+    """mhc_pre's epilogue: "v3" where TUNING["overlap_epilogue"] (issue #6, opt-in), else ``epilogue_design``
+    (hc_head keeps ``epilogue_design``: it has no Sinkhorn to overlap)."""
+    return "v3" if common.TUNING["overlap_epilogue"] else epilogue_design(n_splits)
 
 
 def gemm_kernel(nd: int, n_mix: int, device: torch.device):
@@ -382,6 +392,9 @@ def run_pre(residual, fn, scale, base, norm_weight, scalars, layer_input, post, 
         kernel = onepass.kernel_for("pre", d, dev, norm_dtype_of(norm_weight), *scalars)
         kernel(residual, fn, scale, base, _weight_or_placeholder(norm_weight, d, dev), layer_input, post, comb)
         return
+    if design == "small_t":
+        run_pre_small(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb)
+        return
     if design == "l2_chunked":
         run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb,
                        common.chunk_tokens(d))
@@ -409,7 +422,7 @@ def run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input,
             length = b - a
             splits = gemm_splits(length, n * d, dev)
             epilogue = pre_epilogue_kernel(d, arch, norm_dtype_of(norm_weight), rms_eps, hc_eps, post_mult, iters,
-                                           epilogue_design(splits))
+                                           pre_epilogue_design(splits))
             plans[length] = (torch.empty(splits, length, n_mix, dtype=torch.float32, device=dev),
                              torch.empty(splits, length, dtype=torch.float32, device=dev), epilogue,
                              min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(length, sms)))
@@ -430,3 +443,21 @@ def run_pre_two_pass(residual, fn, scale, base, norm_weight, scalars, layer_inpu
     gemm_kernel(n * d, fn.shape[0], dev)(residual.view(t, n * d), fn, mix_part, sq_part)
     run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb)
 
+
+
+def run_pre_small(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb) -> None:
+    """The small_t design (issue #6): the FMA split-K projection (_mhc_overlap.small_proj, nD / 128 splits), then
+    the "v3" epilogue (Sinkhorn on warp 0 overlapped with the collapse)."""
+    from . import _mhc_overlap as overlap
+
+    t, n, d = residual.shape
+    dev = residual.device
+    rms_eps, hc_eps, post_mult, iters = scalars
+    arch = common.device_arch(dev)
+    splits = overlap.small_splits(n * d)
+    mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
+    sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
+    overlap.small_proj_kernel(n * d, fn.shape[0], arch)(residual.view(t, n * d), fn, mix_part, sq_part)
+    pre_epilogue_kernel(d, arch, norm_dtype_of(norm_weight), rms_eps, hc_eps, post_mult, iters, "v3")(
+        mix_part, sq_part, residual, scale, base, _weight_or_placeholder(norm_weight, d, dev), layer_input, post,
+        comb, 1)
