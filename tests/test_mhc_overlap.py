@@ -59,7 +59,13 @@ def test_small_t_partials_and_v3_order_meet_the_bars() -> None:
     parts = torch.stack([torch.cat([x[:, k:k + SMALL_K] @ fn[:, k:k + SMALL_K].T,
                                     x[:, k:k + SMALL_K].pow(2).sum(-1, keepdim=True)], -1)
                          for k in range(0, nd, SMALL_K)])               # [S, T, 25]
-    lanes = torch.stack([parts[w0::8].sum(0) for w0 in range(8)])       # thread (warp, lane) sums splits w, w+8, ..
+    # thread (warp w, lane): running sum u over splits 32 r + 8 u + w, then the 4 sums in u order; then w order
+    lanes = []
+    for w0 in range(8):
+        acc = parts[w0::32].sum(0)
+        for u in range(1, 4):
+            acc = acc + parts[8 * u + w0::32].sum(0)
+        lanes.append(acc)
     mixes = lanes[0]
     for w0 in range(1, 8):
         mixes = mixes + lanes[w0]

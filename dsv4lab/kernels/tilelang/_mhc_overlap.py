@@ -36,6 +36,7 @@ MIX_LANES = 32        # lane m < n_mix: a mix; m == n_mix: the sum of squares
 THREADS = 256
 WORKERS = THREADS - 32   # warps 1-7: the collapse
 VEC = 8               # bf16 per 16-byte load
+SPLIT_ILP = 4         # v3 split reduction: independent partial loads in flight per thread
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,6 +141,7 @@ def overlap_epilogue_func(d: int, norm_dtype, rms_eps: float, hc_eps: float, pos
             y_s = T.alloc_shared((d,), "bfloat16")
             ss_s = T.alloc_shared((n_warps,), "float32")
             acc = T.alloc_local((1,), "float32")
+            part = T.alloc_local((SPLIT_ILP,), "float32")
             v = T.alloc_local((4,), "float32")      # Sinkhorn: entry, max / sum scratch
             pre_w = T.alloc_local((n,), "float32")
             rho = T.alloc_local((1,), "float32")
@@ -149,14 +151,20 @@ def overlap_epilogue_func(d: int, norm_dtype, rms_eps: float, hc_eps: float, pos
             warp = tx // 32
             lane = tx % 32
 
-            # 1. split partials -> mixes (thread (warp, lane) sums splits warp, warp + 8, ...)
-            acc[0] = 0.0
-            for r in T.serial(T.ceildiv(n_splits, n_warps)):
-                if r * n_warps + warp < n_splits:
-                    if lane < n_mix:
-                        acc[0] += mix_part[r * n_warps + warp, t, lane]
-                    elif lane == n_mix:
-                        acc[0] += sq_part[r * n_warps + warp, t]
+            # 1. split partials -> mixes: thread (warp, lane) keeps SPLIT_ILP running sums, sum u taking splits
+            # warp + 8 (SPLIT_ILP r + u), so SPLIT_ILP independent loads are in flight (small_t: 128-224 splits)
+            for u in T.unroll(SPLIT_ILP):
+                part[u] = 0.0
+            for r in T.serial(T.ceildiv(n_splits, n_warps * SPLIT_ILP)):
+                for u in T.unroll(SPLIT_ILP):
+                    if (r * SPLIT_ILP + u) * n_warps + warp < n_splits:
+                        if lane < n_mix:
+                            part[u] += mix_part[(r * SPLIT_ILP + u) * n_warps + warp, t, lane]
+                        elif lane == n_mix:
+                            part[u] += sq_part[(r * SPLIT_ILP + u) * n_warps + warp, t]
+            acc[0] = part[0]
+            for u in T.unroll(1, SPLIT_ILP):
+                acc[0] += part[u]
             lanes_s[warp, lane] = acc[0]
             T.sync_threads()
             if tx < MIX_LANES:
