@@ -27,6 +27,9 @@ seconds is recorded as metric="skipped"):
    Summary lines "gemv ...".
 4. MegaMoE: fp8_fp4_mega_moe -> "unavailable" (SM100 only); Hopper fp8_mega_moe on a world-size-1 NCCL group
    (multicast/NVLS off): timings + numerics, or the exact error the library raises (metric "error", with stage).
+   Per T also bitwise vs ``unfused_like_mega`` (issue #10; bench/mega_unfused_check.py): metric "bitwise_equal"
+   vs="unfused_like_mega" for fast_math True (and False at the largest T), ulp_max, the fraction of our e4m3 intermediate rows found
+   bitwise in the fused kernel's buffer.l2_acts, and the fused kernel's JIT template arguments (kReuseAccumAsFinal).
 DeepGEMM JIT-compiles each new kernel configuration at first use (NVCC; --nvrtc sets DG_JIT_USE_NVRTC=1); the
 first-call times are recorded so compile time never lands in a timing. A second run on a warm machine reuses the
 JIT cache (~/.deep_gemm or DG_JIT_CACHE_DIR).
@@ -529,6 +532,16 @@ def _row_text(r: dict) -> str:
 
 
 # ---- phase 4: MegaMoE ------------------------------------------------------------------------------------------
+def _record_unfused(run: Run, rows_lines: tuple[list[dict], list[str]], preset: str, t: int, common: dict) -> None:
+    """Rows of bench/mega_unfused_check.py as records (metric "bitwise_equal" vs "unfused_like_mega", or "error")."""
+    rows, lines = rows_lines
+    for r in rows:
+        r = dict(r)
+        head = [r.pop(key) for key in ("variant", "metric", "unit", "value")]
+        run.rec("mega_moe", "deep_gemm", head[0], preset, t, "bfloat16", *head[1:], **r, **common)
+    run.lines += [f"MegaMoE SM90 (1 GPU) T={t}:{line}" for line in lines]
+
+
 def mega_phase(run: Run, state, preset: str, tokens: tuple[int, ...], peaks) -> None:
     from dsv4lab.kernels.deep_gemm import grouped_moe as gm
     from dsv4lab.kernels.deep_gemm import mega_moe as mm
@@ -552,6 +565,14 @@ def mega_phase(run: Run, state, preset: str, tokens: tuple[int, ...], peaks) -> 
     except Exception as e:  # noqa: BLE001
         run.error("mega_moe", "deep_gemm", "fp8_mega_moe_sm90", preset, None, e, stage=stage, **common)
         run.lines.append(f"MegaMoE SM90 (1 GPU): refused at {stage}: {type(e).__name__}: {str(e)[:200]}")
+        if DEVICE == "cpu":     # smoke: the unfused_like_mega chain alone (emulated GEMMs), control flow only
+            import mega_unfused_check
+
+            x, _, w, ids = inputs(state, tokens[0], seed=tokens[0])
+            x_q, x_sf = quant_fp8(x, 128, pow2=True)
+            _record_unfused(run, mega_unfused_check.smoke_cpu(x_q, x_sf, w, ids, routed_only(state["experts"]),
+                                                              swiglu_limit=L, grouped_gemm=gm.deep_gemm_grouped),
+                            preset, tokens[0], common)
         return
     spec = state["spec"]
     for t in tokens:
@@ -590,6 +611,13 @@ def mega_phase(run: Run, state, preset: str, tokens: tuple[int, ...], peaks) -> 
             if stage == "first_call":
                 run.lines.append(f"MegaMoE SM90 (1 GPU): refused at the first call: {type(e).__name__}: {str(e)[:200]}")
                 break
+        if run.left() > 10:     # issue #10: bitwise vs the unfused chain with the fused kernel's arithmetic
+            import mega_unfused_check
+
+            # fast_math=False (one more fused-kernel JIT configuration) at the largest T only
+            fast = (True, False) if t == max(tokens) else (True,)
+            _record_unfused(run, mega_unfused_check.check(mod, x_q, x_sf, w, ids, routed, swiglu_limit=L,
+                                                          fast_maths=fast), preset, t, common)
     try:
         mod.destroy()
     except Exception:  # noqa: BLE001

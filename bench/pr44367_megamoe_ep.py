@@ -10,6 +10,10 @@ k=6) and routes its own tokens over all E. Per T (tokens per rank):
   bitwise vs this rank computing the same routed experts itself with all the weights (single-GPU grouped path).
 - fp8_mega_moe: the fused kernel over a 2-rank symmetric buffer (NVLS/multicast off); numerics vs the fp64 oracle
   with the fallback as the eager baseline, time, speedup; or the exact error it raises (metric "error", stage).
+- issue #10: bitwise vs ``unfused_like_mega`` (dsv4lab/kernels/deep_gemm/mega_moe_unfused.py: the unfused chain
+  with the fused kernel's arithmetic, all experts on this rank): metric "bitwise_equal" vs="unfused_like_mega"
+  (+ ulp_max, the fraction of this rank's intermediate rows found bitwise in the fused pool, the fused kernel's
+  JIT template arguments), fast_math=True (+ False with --unfused-slow-math); bench/mega_unfused_check.py.
 Records: experiment "pr44367_megamoe", backend deep_gemm, variant ep_fallback / fp8_mega_moe_sm90_ep2, field
 rank; every rank appends its own (atomic appends). Multicast stays off: NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are set before the process group starts.
@@ -43,6 +47,9 @@ def main() -> int:
     ap.add_argument("--out", default="out")
     ap.add_argument("--budget", type=float, default=150.0)
     ap.add_argument("--tokens", default="1,64,512,4096")
+    ap.add_argument("--unfused-slow-math", action="store_true",
+                    help="bitwise check vs unfused_like_mega also with fast_math=False (one more fused-kernel JIT "
+                         "configuration per T)")
     args = ap.parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -157,6 +164,19 @@ def main() -> int:
                          f"(fallback {c.eager_rel_rms:.2e})")
         except Exception as err:  # noqa: BLE001
             error("fp8_mega_moe_sm90_ep2", t, err, stage=stage, op="mega_moe")
+        # issue #10: bitwise vs the unfused chain with the fused kernel's arithmetic (all experts on this rank);
+        # both ranks run it (the fused calls inside are collective), failures become "error" records
+        import mega_unfused_check
+
+        rows, check_lines = mega_unfused_check.check(
+            mega, x_q, x_sf, w, ids, gm.HopperExperts(experts.w13, experts.w13_sf, experts.w2, experts.w2_sf, e, 0),
+            swiglu_limit=L, local_experts=(rank * epr, (rank + 1) * epr), barrier=dist.barrier,
+            fast_maths=(True, False) if args.unfused_slow_math else (True,))
+        for r in rows:
+            r = dict(r)
+            head = [r.pop(key) for key in ("variant", "metric", "unit", "value")]
+            rec("fp8_mega_moe_sm90_ep2", t, *head[1:], op="mega_moe", **r)
+        lines.extend(f"rank{rank} T={t}:{line}" for line in check_lines)
     results.append(out, recs)
     for r in range(world):
         dist.barrier()
