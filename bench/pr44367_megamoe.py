@@ -659,6 +659,15 @@ def warm_up(run: Run, state, preset: str, order: list[int], args) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
+def _variants():
+    """bench/pr44367_moe_variants.py (imported lazily: it imports this module)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.modules.setdefault("pr44367_megamoe", sys.modules[__name__])   # run as a script: share this module's state
+    import pr44367_moe_variants
+
+    return pr44367_moe_variants
+
+
 def _smoke_cpu_setup(args) -> None:
     """CPU dry run: toy dims, the grouped GEMM emulated in fp32 (dequantise, matmul, bf16), alignment 8."""
     global DEVICE
@@ -701,6 +710,9 @@ def main() -> int:
     ap.add_argument("--mega-tokens", default="1,64,512")
     ap.add_argument("--gemv-tokens", default=",".join(map(str, GEMV_TOKENS)),
                     help="T for the Triton GEMV decode path (policy overridden; '' = skip)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also the design-variant phases of bench/pr44367_moe_variants.py: GEMV launch configs and "
+                         "x quantisation after the gemv phase, the grouped GEMMs alone per layout at T=8192")
     ap.add_argument("--nvrtc", action="store_true", help="DeepGEMM JIT with NVRTC (faster compiles)")
     ap.add_argument("--no-mega", action="store_true")
     ap.add_argument("--warmup-only", action="store_true",
@@ -747,6 +759,10 @@ def main() -> int:
         run.flush()
         if args.warmup_only:
             warm_up(run, state, preset, order, args)
+            if args.variants and preset == "flash":
+                _variants().gemv_config_phase(run, state, preset, gemv_tokens[:1], None, warm_only=True)
+                if 8192 in tokens:
+                    _variants().gemm_variant_phase(run, state, preset, 8192, None, warm_only=True)
             del state
             continue
         if i == 0:
@@ -763,6 +779,12 @@ def main() -> int:
             if t == order[0] and gemv_tokens:   # the decode GEMV path, right after the first decode case
                 gemv_cases(run, state, preset, gemv_tokens, peaks)
                 print(f"[{run.elapsed():6.1f}s] {preset} gemv T={gemv_tokens} done", flush=True)
+                if args.variants:
+                    _variants().gemv_config_phase(run, state, preset, gemv_tokens, peaks)
+                    print(f"[{run.elapsed():6.1f}s] {preset} gemv configs done", flush=True)
+            if args.variants and t == 8192 and preset == "flash" and run.left() > 20:
+                _variants().gemm_variant_phase(run, state, preset, t, peaks)
+                print(f"[{run.elapsed():6.1f}s] {preset} gemm variants T={t} done", flush=True)
         if i == 0 and not args.no_mega:
             mega_phase(run, state, preset, tuple(int(t) for t in args.mega_tokens.split(",")), peaks)
             run.flush()

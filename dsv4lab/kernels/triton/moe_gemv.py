@@ -24,6 +24,10 @@ Work split (bandwidth: every program streams weight tiles, each expert's weights
   slot, -1 for an id outside [0, n_routed): dropped, as in the masked layout).
 - ``_down_kernel`` grid (T k + S, D / BLOCK_N): BLOCK_N output columns for all tokens of the unit -> bf16 scratch.
 - ``combine_rows`` (moe_masked_layout.py): the deterministic weighted reduction, shared with both grouped layouts.
+- ``GemvConfig`` (opt-in, default = the above): ``split_k`` adds a grid axis over K ranges of the gate/up projection
+  (fp32 partials, then ``_gate_up_finish_kernel`` adds them in split order and does the SwiGLU-quant: deterministic,
+  ulp-level vs unsplit); ``fuse_x_quant`` (``moe_gemv_x``) quantises x inside the gate/up loop with
+  act_quant_fp8's math (bit-identical h, so bit-identical output); ``fp8_dot`` feeds e4m3 to the fp8 MMA.
 Programs of slots that are not a unit's first slot exit at once. Both GEMMs put the weight tile in the MMA's M
 (swap-AB: [128, 128] x [128, MAX_T]) so a tiny T wastes no weight bandwidth.
 
