@@ -16,7 +16,7 @@ What the SM90 fused kernel computes per routed slot (t, j) with expert e = ids[t
 3. The ROUTING WEIGHT multiplies h here, before quantisation and before L2: h_w = h * w (cuh:1818-1834; the
    swap-AB variant cuh:1654/1665 forms silu(g) * u * w left to right, the same roundings).
 4. Requantisation of h_w to e4m3 with ONE SCALE PER 64 COLUMNS of the intermediate (``kL2ActsSFGranK = 64``,
-   cuh:303-304, 1836-1935), not 1x128: amax = max |h_w| over the 64 columns (the kernel forms max|h| * |w|,
+   cuh:303-304, 1836-1925), not 1x128: amax = max |h_w| over the 64 columns (the kernel forms max|h| * |w|,
    the same fp32 value because rounding is monotone), scaled = amax * fp32(1/448) (a multiplication,
    ``__fmul_rn``), sf = 2^ceil(log2(scaled)) read off the fp32 bits (``fast_log2_ceil``: exponent + (mantissa != 0);
    ``sm90_fp8_mega_moe_get_e4m3_sf_and_sf_inv`` cuh:58-66, ``common/math.cuh`` 78-88), sf_inv = 2^-that exactly.
@@ -25,9 +25,9 @@ What the SM90 fused kernel computes per routed slot (t, j) with expert e = ids[t
 5. L2 = q @ w2[e].T with the per-64 activation scales: each 128-wide K block is two 64-wide halves, each its own
    WGMMA group (2 instructions, first overwriting) promoted with its own scale,
    ``final += (s_lo * s_w2) * partial_lo; final += (s_hi * s_w2) * partial_hi`` (cuh:1550-1606), halves in K order.
-   The fp32 result is rounded to bf16 (RNE, ``cast_into_bf16_and_pack`` / ``__float2bfloat16_rn``, cuh:2012-2061)
+   The fp32 result is rounded to bf16 (RNE, ``cast_into_bf16_and_pack`` / ``__float2bfloat16_rn``, cuh:2006-2075)
    and written to the token's slot j of the combine buffer.
-6. Combine (cuh:2160-2275): y[t] = bf16_rn( sum over slots j = 0..k-1 with ids[t, j] >= 0, ascending, of
+6. Combine (cuh:2150-2275): y[t] = bf16_rn( sum over slots j = 0..k-1 with ids[t, j] >= 0, ascending, of
    float(bf16 slot output) ), accumulated in fp32 starting from 0 (``ptx::accumulate`` on sm90: convert + add).
    No weight here (it was applied in step 3).
 
@@ -50,7 +50,7 @@ agreement. ``unfused_like_mega`` below redoes steps 1-6 unfused with DeepGEMM's 
 Where bitwise equality is NOT guaranteed (the bench records which intermediate agrees):
 - The fused kernel has other compile-time paths chosen by a host heuristic we cannot read in the sources
   (``csrc/jit_kernels/heuristics/sm90_mega_moe.hpp`` is compiled into _C.so): ``kReuseAccumAsFinal`` accumulates
-  ALL K blocks in the WGMMA accumulator with exact power-of-two rescaling between blocks (cuh:970-1305) instead of
+  ALL K blocks in the WGMMA accumulator with exact power-of-two rescaling between blocks (cuh:973-1305) instead of
   promoting per block; the Hopper fp8 WGMMA accumulator keeps limited precision, so that path is not expected to
   match any standalone GEMM bitwise. The bench reads the template arguments of the JIT-generated kernel
   (``sm90_fp8_mega_moe_impl<...>``: argument 21 is kReuseAccumAsFinal, 25 kFP8SwapAB) from the JIT cache.
@@ -289,7 +289,7 @@ def rows_found_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return torch.isin(digest(rows), digest(pool.to(rows.device)))
 
 
-# template parameters of sm90_fp8_mega_moe_impl in declaration order (sm90_fp8_mega_moe.cuh:126-154)
+# template parameters of sm90_fp8_mega_moe_impl in declaration order (sm90_fp8_mega_moe.cuh:127-158)
 FUSED_TEMPLATE_ARGS = (
     "kNumMaxTokensPerRank", "kHidden", "kIntermediateHidden", "kNumExperts", "kNumTopk", "kNumExpertsPerWave",
     "BLOCK_M", "BLOCK_N", "BLOCK_K", "kNumMaxPoolTokens", "kNumPaddedSFPoolTokens", "kNumStages",
