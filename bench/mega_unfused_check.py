@@ -53,6 +53,24 @@ def _act_sf_cols(cfg: dict) -> int | None:
     return max(wg_out, 64)
 
 
+def _sf_rows_found(mega, q_sf: torch.Tensor) -> float | str:
+    """Fraction of our per-64 scale rows [R, I/64] found bitwise among the fused kernel's (``buffer.l2_acts_sf``,
+    MN-major [I/64, pool] per the kernel's comment cuh:1910-1915; [pool, I/64] accepted too), or why not."""
+    from dsv4lab.kernels.deep_gemm.mega_moe_unfused import rows_found_in
+
+    try:
+        sf = mega.buffer.l2_acts_sf
+        cols = q_sf.shape[1]
+        if sf.dim() != 2 or cols not in sf.shape:
+            return f"l2_acts_sf shape {tuple(sf.shape)} not [I/64, pool] or [pool, I/64]"
+        sf = sf.view(torch.float32) if sf.element_size() == 4 else sf
+        pool = (sf.T if sf.shape[0] == cols and sf.shape[1] != cols else sf).contiguous()
+        found = rows_found_in(q_sf.contiguous().view(torch.uint8), pool.view(torch.uint8))
+        return float(found.float().mean()) if found.numel() else 1.0
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"[:300]
+
+
 def check(mega, x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts, *,
           swiglu_limit: float, local_experts: tuple[int, int] | None = None, barrier=None,
           fast_maths: tuple[bool, ...] = (True, False)) -> tuple[list[dict], list[str]]:
@@ -89,6 +107,7 @@ def check(mega, x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor, id
                 slot_rows = slot_rows[(flat_ids >= local_experts[0]) & (flat_ids < local_experts[1])]
             found = rows_found_in(mid["q"].view(torch.uint8)[slot_rows], pool)   # fp8 gathered as bytes
             frac_found = float(found.float().mean()) if found.numel() else 1.0
+            sf_found = _sf_rows_found(mega, mid["q_sf"][slot_rows])
             same = bool(torch.equal(y_f, y_u))
             stage = "config"
             cfg = _kernel_config(mega.hidden)
@@ -96,14 +115,16 @@ def check(mega, x_q: torch.Tensor, x_sf: torch.Tensor, weights: torch.Tensor, id
             rows.append(dict(variant="fp8_mega_moe_sm90", metric="bitwise_equal", unit="bool", value=same,
                              ulp_max=ulp_max, frac_equal=float((ulps == 0).float().mean()) if ulps.numel() else 1.0,
                              ulp_hist=numerics.ulp_histogram(ulps), intermediate_rows_found=frac_found,
-                             intermediate_rows=int(found.numel()), **extra, **cfg))
+                             intermediate_rows=int(found.numel()), intermediate_sf_rows_found=sf_found,
+                             pool_shape=list(mega.buffer.l2_acts.shape), **extra, **cfg))
             rows.append(dict(variant="fp8_mega_moe_sm90", metric="intermediate_rows_found", unit="fraction",
                              value=frac_found, note="our e4m3 post-SwiGLU rows found bitwise in buffer.l2_acts",
                              **extra))
             reuse = cfg.get("fused_config", {}).get("kReuseAccumAsFinal") if isinstance(cfg.get("fused_config"),
                                                                                          dict) else None
             lines.append(f"  fused vs unfused_like_mega (fast_math={fast}): bitwise {same}, ulp_max {ulp_max}, "
-                         f"intermediate rows found {frac_found:.3f}, reuse_accum={reuse}")
+                         f"intermediate rows found {frac_found:.3f} (scales {sf_found}), reuse_accum={reuse}, "
+                         f"act_sf_cols={cfg.get('fused_act_sf_cols')}")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             rows.append(dict(variant="fp8_mega_moe_sm90", metric="error", unit=None, value=None, stage=stage,
