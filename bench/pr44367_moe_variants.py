@@ -290,45 +290,8 @@ def gemm_variant_phase(run, state, preset: str, t: int, peaks, warm_only: bool =
             a_mn, h_mn = dg.get_mn_major_tma_aligned_tensor(a_sf), dg.get_mn_major_tma_aligned_tensor(h_sf)
             add(f"contig_a{align0}_sfmn", lambda: contig(a_mn, h_mn), lay.num_rows, lay.row, alignment=align0,
                 scales="MN-major TMA-aligned, transposed once outside the timing")
-        # psum layout: grouped_layout[g] = end row of group g (groups start at block-aligned rows, as laid out here)
-        ends = (lay.starts + lay.counts).to(torch.int32).contiguous()
-
-        def psum():
-            fn = dg.m_grouped_fp8_gemm_nt_contiguous
-            g1 = torch.empty((a.shape[0], experts.w13.shape[1]), dtype=torch.bfloat16, device=a.device)
-            fn((a, a_sf), (experts.w13, experts.w13_sf), g1, ends, use_psum_layout=True)
-            out = torch.empty((h.shape[0], experts.w2.shape[1]), dtype=torch.bfloat16, device=a.device)
-            fn((h, h_sf), (experts.w2, experts.w2_sf), out, ends, use_psum_layout=True)
-            return out
-        if dg is not None:
-            try:
-                add("contig_psum", psum, lay.num_rows, lay.row, alignment=align0, grouped_layout="psum ends")
-            except Exception as e:  # noqa: BLE001
-                run.error("moe_experts", "deep_gemm", "gemms_contig_psum", preset, t, e, **common)
-        del a, a_sf, h, h_sf
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001   (a, h stay alive: the timed closures use them)
         run.error("moe_experts", "deep_gemm", "gemms_contig", preset, t, e, **common)
-    # alignment 64: fewer padding rows (each group padded to 64)
-    if dg is not None and hasattr(dg, "set_mk_alignment_for_contiguous_layout"):
-        try:
-            theo = {m: int(dg.get_theoretical_mk_alignment_for_contiguous_layout(m)) for m in (64, 192, 256)} \
-                if hasattr(dg, "get_theoretical_mk_alignment_for_contiguous_layout") else None
-            rec("contig_a64", "theoretical_mk_alignment", "rows", None, by_expected_m=theo)
-            dg.set_mk_alignment_for_contiguous_layout(64)
-            lay64, a64, a64_sf, h64, h64_sf = _contiguous_operands(experts, x_q, x_sf, w, ids, 64, L)
-
-            def contig64():   # the alignment is global state the kernel choice reads at each call: set it around
-                dg.set_mk_alignment_for_contiguous_layout(64)
-                try:
-                    gm.deep_gemm_grouped(a64, a64_sf, experts.w13, experts.w13_sf, lay64.m_indices)
-                    return gm.deep_gemm_grouped(h64, h64_sf, experts.w2, experts.w2_sf, lay64.m_indices)
-                finally:
-                    dg.set_mk_alignment_for_contiguous_layout(align0)
-            add("contig_a64", contig64, lay64.num_rows, lay64.row, alignment=64)
-        except Exception as e:  # noqa: BLE001
-            run.error("moe_experts", "deep_gemm", "gemms_contig_a64", preset, t, e, **common)
-        finally:
-            dg.set_mk_alignment_for_contiguous_layout(align0)
     # masked: M_max = largest routed group (shared slices chunked to M_max), expected_m hints
     try:
         m_max = ml.prefill_m_max(ids, experts.n_routed)
@@ -346,9 +309,49 @@ def gemm_variant_phase(run, state, preset: str, t: int, peaks, warm_only: bool =
                 gm.deep_gemm_masked(ma, ma_sf, mex.w13, mex.w13_sf, mlay.masked_m, em)
                 return gm.deep_gemm_masked(mh.view(g_all, m_max, -1), mh_sf, mex.w2, mex.w2_sf, mlay.masked_m, em)
             add(f"masked_em{em}", masked, computed, mrows, m_max=m_max, expected_m=em,
-                note="rows_computed = valid rows; DeepGEMM computes ceil(masked_m / block_m) blocks per group")
+                rows_note="rows = valid rows; DeepGEMM computes ceil(masked_m / block_m) blocks per group")
     except Exception as e:  # noqa: BLE001
         run.error("moe_experts", "deep_gemm", "gemms_masked", preset, t, e, **common)
+    # riskier calls last (a CUDA fault is sticky): psum layout, then alignment 64
+    if f"contig_a{align0}" in cases:
+        # psum layout: grouped_layout[g] = end row of group g (groups start at block-aligned rows, as laid out here)
+        ends = (lay.starts + lay.counts).to(torch.int32).contiguous()
+
+        def psum():
+            fn = dg.m_grouped_fp8_gemm_nt_contiguous
+            g1 = torch.empty((a.shape[0], experts.w13.shape[1]), dtype=torch.bfloat16, device=a.device)
+            fn((a, a_sf), (experts.w13, experts.w13_sf), g1, ends, use_psum_layout=True)
+            out = torch.empty((h.shape[0], experts.w2.shape[1]), dtype=torch.bfloat16, device=a.device)
+            fn((h, h_sf), (experts.w2, experts.w2_sf), out, ends, use_psum_layout=True)
+            return out
+        if dg is not None:
+            try:
+                add("contig_psum", psum, lay.num_rows, lay.row, alignment=align0, grouped_layout="psum ends")
+            except Exception as e:  # noqa: BLE001
+                run.error("moe_experts", "deep_gemm", "gemms_contig_psum", preset, t, e, **common)
+    # alignment 64: fewer padding rows (each group padded to 64)
+    if dg is not None and hasattr(dg, "set_mk_alignment_for_contiguous_layout"):
+        try:
+            try:   # DeepGEMM's own block-M / alignment choice for these mean group sizes (information only)
+                theo = {m: int(dg.get_theoretical_mk_alignment_for_contiguous_layout(m)) for m in (64, 192, 256)}
+                rec("contig_a64", "theoretical_mk_alignment", "rows", None, by_expected_m=theo)
+            except Exception as e:  # noqa: BLE001
+                run.error("moe_experts", "deep_gemm", "gemms_theoretical_alignment", preset, t, e, **common)
+            dg.set_mk_alignment_for_contiguous_layout(64)
+            lay64, a64, a64_sf, h64, h64_sf = _contiguous_operands(experts, x_q, x_sf, w, ids, 64, L)
+
+            def contig64():   # the alignment is global state the kernel choice reads at each call: set it around
+                dg.set_mk_alignment_for_contiguous_layout(64)
+                try:
+                    gm.deep_gemm_grouped(a64, a64_sf, experts.w13, experts.w13_sf, lay64.m_indices)
+                    return gm.deep_gemm_grouped(h64, h64_sf, experts.w2, experts.w2_sf, lay64.m_indices)
+                finally:
+                    dg.set_mk_alignment_for_contiguous_layout(align0)
+            add("contig_a64", contig64, lay64.num_rows, lay64.row, alignment=64)
+        except Exception as e:  # noqa: BLE001
+            run.error("moe_experts", "deep_gemm", "gemms_contig_a64", preset, t, e, **common)
+        finally:
+            dg.set_mk_alignment_for_contiguous_layout(align0)
     if warm_only or not cases:
         return
     base_name = f"contig_a{align0}"

@@ -1,7 +1,7 @@
 """Triton activation quantisation (triton/act_quant_fp8.py) vs dsv4lab.quant.quant_fp8 (the torch composition, itself
 checked against hand-computed cases in test_quant.py): bit-identical codes and scales for finite inputs across
-binades (per-block magnitudes 2^-20 .. 2^20, blocks under the 1e-4 floor, amax exactly 448 * 2^e), NaN blocks as quant_fp8
-treats them; the input contract."""
+binades (per-block magnitudes 2^-20 .. 2^20, blocks under the 1e-4 floor, amax exactly 448 * 2^e), NaN blocks as
+quant_fp8 treats them; the input contract."""
 import pytest
 import torch
 
