@@ -58,6 +58,7 @@ def gemv_configs() -> dict:
         "fused_fp8": (GemvConfig(**f, fp8_dot=True), "fused"),
         "fused_sk2": (GemvConfig(**f, split_k=2), "fused"),
         "fused_sk4": (GemvConfig(**f, split_k=4), "fused"),
+        "fused_sk8": (GemvConfig(**f, split_k=8), "fused"),
         "fused_fp8_sk4": (GemvConfig(**f, fp8_dot=True, split_k=4), "fused"),
         "fused_w8s4": (GemvConfig(**f, gate_warps=8, gate_stages=4), "fused"),
         "fused_dn32": (GemvConfig(**f, down_block_n=32), "fused"),
@@ -251,6 +252,10 @@ def gemm_variant_phase(run, state, preset: str, t: int, peaks, warm_only: bool =
 
     experts, common, L = state["experts"], state["common"], mm.L
     d, inter, k = state["spec"]["D"], state["spec"]["I"], state["spec"]["k"]
+    if run.left() < 25:
+        run.rec("moe_experts", "deep_gemm", "gemms_variants", preset, t, "bfloat16", "skipped", None, None,
+                reason=f"time budget: {run.left():.0f}s left", **common)
+        return
     x, _, w, ids = mm.inputs(state, t, seed=t)
     x_q, x_sf = quant_fp8(x, 128, pow2=True)
     useful = 6 * t * k * d * inter + 6 * t * d * inter * experts.n_shared_groups
