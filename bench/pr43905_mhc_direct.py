@@ -14,8 +14,10 @@ run goes on; a time budget (``--budget``, default 150 s from the start) turns wh
    (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
    epilogue). A failure here names the broken kernel.
 1b. (runs FIRST, right after the smoke tests: the budget cuts the tail) Issue #6 designs
-   (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked; VARIANTS adds tiles of 16
-   tokens, 16-CTA clusters and 32 MB chunks): each new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled
+   (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked; VARIANTS adds the
+   _mhc_overlap latency designs for mhc_pre / mhc_fused_post_pre: small_t (FMA split-K projection + v3 epilogue,
+   T <= 32; small_t_256: T <= 256), and the v3 epilogue in two_pass / l2_chunked / two_pass with the 128-token GEMM
+   tile; hc_head is unchanged by them and not re-timed): each new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled
    in the warm-up and smoke-tested in its own subprocess (a crash, or a max relative error above 5 %, disables
    that variant only), then numerics (T in {1, 70, 1000}) and eager vs graph bitwise, then timed against each
    other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay for T <= 256); records variant
@@ -73,13 +75,16 @@ VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass
             "small_t_256": {"design": "small_t", "overlap_epilogue": True, "small_t_max_tokens": 256},
             # the v3 epilogue (Sinkhorn on warp 0 overlapped with the collapse) in the existing designs
             "two_pass_v3": {"design": "two_pass", "overlap_epilogue": True},
-            "l2_chunked_v3": {"design": "l2_chunked", "overlap_epilogue": True}}
-OVERLAP_VARIANTS = ("small_t", "small_t_256", "two_pass_v3", "l2_chunked_v3")
+            "l2_chunked_v3": {"design": "l2_chunked", "overlap_epilogue": True},
+            # + the 128-token GEMM tile (~10 % faster GEMM at T = 16384 in the 16:12 H100 run)
+            "two_pass_v3_bt128": {"design": "two_pass", "overlap_epilogue": True, "gemm_block_tokens": 128}}
+OVERLAP_VARIANTS = ("small_t", "small_t_256", "two_pass_v3", "l2_chunked_v3", "two_pass_v3_bt128")
 OVERLAP_OPS = ("mhc_pre", "mhc_fused_post_pre")   # hc_head has no Sinkhorn: these variants do not change it
 SMOKED_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS
 NUMERICS_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS   # step 1b: numerics + graph per variant
 # kernels the new variants need (warm-up + load): a failure disables those variants only
-OVERLAP_KERNELS = {"small_proj24": ("small_t", "small_t_256"), "pre_epi_v3": OVERLAP_VARIANTS}
+OVERLAP_KERNELS = {"small_proj24": ("small_t", "small_t_256"), "pre_epi_v3": OVERLAP_VARIANTS,
+                   "gemm24_bt128": ("two_pass_v3_bt128",)}
 VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
 DESIGN_NUMERICS_TOKENS = [1, 70, 1000]   # 1000 > one chunk of l2_chunked (512 Flash / 256 Pro tokens)
@@ -225,6 +230,7 @@ def tl_kernel(preset: str, kind: str):
                                                         ITERS),
             "onepass_head": lambda: onepass.kernel_for("head", d, None, None, RMS_EPS, HC_EPS),
             "small_proj24": lambda: overlap.small_proj_kernel(4 * d, 24, arch),
+            "gemm24_bt128": lambda: mhc_pre.prenorm_gemm_kernel(4 * d, 24, arch, block_tokens=128),
             "pre_epi_v3": lambda: mhc_pre.pre_epilogue_kernel(d, arch, "bfloat16", RMS_EPS, HC_EPS, POST_MULT, ITERS,
                                                               "v3")}[kind]()
 
@@ -651,7 +657,8 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
             key = (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
                    common.chunk_tokens(d) if resolved == "l2_chunked" else None,
                    # the pre epilogue in use (small_t always runs v3)
-                   bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t")
+                   bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t",
+                   common.TUNING["gemm_block_tokens"] if resolved != "small_t" else None)   # small_t: no GEMM
             for op in DESIGN_OPS:
                 if vname in OVERLAP_VARIANTS and op not in OVERLAP_OPS:
                     continue   # hc_head: identical launches to two_pass / l2_chunked

@@ -47,6 +47,11 @@ one launch, 10TD bytes, but fn is re-streamed from L2 per tile: 48/BT x the resi
 only one_pass: fn is 48 tokens' worth of residual bytes, and shared memory holds ~32 (Flash) / ~16 (Pro) tokens
 per cluster, so at large T the L2 traffic for fn outweighs the saved HBM read (see ``_mhc_onepass``).
 
+Issue #6 latency work (opt-in, ``_mhc_overlap``): TUNING["overlap_epilogue"] = True swaps the epilogue for "v3"
+(one CTA per token, Sinkhorn lane-parallel on warp 0 overlapped with the collapse on warps 1-7; 40 registers vs
+70 (Flash) / 150 (Pro) for v1/v2, whose 150 leave Pro at one 256-thread CTA per SM); design "small_t" (T <= 32)
+replaces the GEMM by an FMA split-K projection over 128-element K slices and always uses v3.
+
 Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
 dimensions, so one compile per (D, norm flavour) serves every T.
 """
