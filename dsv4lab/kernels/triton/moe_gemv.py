@@ -178,7 +178,8 @@ def _gate_up_kernel(xq_ptr, xsf_ptr, ids_ptr, w13_ptr, w13sf_ptr, hq_ptr, hsf_pt
             tl.store(hq_ptr + out_row[:, None] * INTER + hcol[None, :], q, mask=hit[:, None])
             tl.store(hsf_ptr + out_row * (INTER // 128) + hb, scale, mask=hit)
         else:         # fp32 partial of this K range; _gate_up_finish_kernel adds the splits in order
-            part = part_ptr + (split * n_part_rows + out_row)[None, :] * (2 * INTER)
+            part_row = (u * n_tokens + tok).to(tl.int64)                  # dense: T rows per unit, not MAX_T
+            part = part_ptr + (split * n_part_rows + part_row)[None, :] * (2 * INTER)
             tl.store(part + hcol[:, None], acc_g, mask=hit[None, :])
             tl.store(part + (INTER + hcol)[:, None], acc_u, mask=hit[None, :])
 
@@ -197,8 +198,9 @@ def _gate_up_finish_kernel(part_ptr, ids_ptr, hq_ptr, hsf_ptr, n_tokens, k, n_ro
         out_row = (u * MAX_T + tok).to(tl.int64)
         acc_g = tl.zeros((MAX_T, 128), tl.float32)
         acc_u = tl.zeros((MAX_T, 128), tl.float32)
+        part_row = (u * n_tokens + tok).to(tl.int64)
         for split in tl.static_range(SPLIT_K):
-            part = part_ptr + (split * n_part_rows + out_row)[:, None] * (2 * INTER)
+            part = part_ptr + (split * n_part_rows + part_row)[:, None] * (2 * INTER)
             acc_g += tl.load(part + hcol[None, :], mask=hit[:, None], other=0.0)
             acc_u += tl.load(part + (INTER + hcol)[None, :], mask=hit[:, None], other=0.0)
         q, scale = swiglu_fp8_rows(_round_bf16(acc_g, SOFT), _round_bf16(acc_u, SOFT), limit, AMAX_FLOOR, SOFT)
@@ -336,18 +338,18 @@ def gate_up_swiglu(x_q, x_sf, ids, w13, w13_sf, n_routed: int, limit: float, con
     h_sf = torch.empty((units * max_t, inter // QUANT_BLOCK), dtype=torch.float32, device=dev)
     rows = torch.empty((t, k + n_shared), dtype=torch.int32, device=dev)
     split = config.split_k
-    part = torch.empty((split, units * max_t, two_i) if split > 1 else (1,), dtype=torch.float32, device=dev)
+    part = torch.empty((split, units * t, two_i) if split > 1 else (1,), dtype=torch.float32, device=dev)
     fused = x is not None
     xq_arg, xsf_arg = (x, x) if fused else (x_q, x_sf)     # x_sf unused when fused
     k_block = triton.next_power_of_2(k)
     _gate_up_kernel[(units, inter // QUANT_BLOCK, split)](
-        xq_arg, xsf_arg, ids, w13, w13_sf, h_q, h_sf, rows, part, t, k, n_shared, n_routed, limit, units * max_t,
+        xq_arg, xsf_arg, ids, w13, w13_sf, h_q, h_sf, rows, part, t, k, n_shared, n_routed, limit, units * t,
         HIDDEN=d, INTER=inter, MAX_T=max_t, K_BLOCK=k_block, SPLIT_K=split, X_FLOAT=fused, DOT_F32=_INTERPRETED,
         FP8_DOT=config.fp8_dot, SOFT=_INTERPRETED, AMAX_FLOOR=AMAX_FLOOR, num_warps=config.gate_warps,
         enable_fp_fusion=False, **_stages(config.gate_stages))
     if split > 1:
         _gate_up_finish_kernel[(units, inter // QUANT_BLOCK)](
-            part, ids, h_q, h_sf, t, k, n_routed, limit, units * max_t, INTER=inter, MAX_T=max_t, K_BLOCK=k_block,
+            part, ids, h_q, h_sf, t, k, n_routed, limit, units * t, INTER=inter, MAX_T=max_t, K_BLOCK=k_block,
             SPLIT_K=split, SOFT=_INTERPRETED, AMAX_FLOOR=AMAX_FLOOR, num_warps=4, enable_fp_fusion=False)
     return GemvScratch(h_q, h_sf, rows, max_t)
 
