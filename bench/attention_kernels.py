@@ -16,8 +16,10 @@ Order (each case recorded as it finishes; a failure becomes an "error" record an
    sparse_attention CONFIGS entry at T=8192 (variant prefill-sweep-<kind>, field config) and at DECODE_SWEEP shapes
    with split counts (variant decode-sweep-*), each capped at ATTN_SWEEP_S; decode with the default config, batch
    {1, 16, 64, 256} x L {4096, 32768, 131072} (GB/s of the bf16 rows actually read, pct_bw_actual; target >= 50 %;
-   pct_of_peak counts the roofline row's fp8 584 B/row); compressor and indexer Q (GB/s; target
-   >= 70 % at T >= 4096); DeepGEMM logits + top-k; FlexAttention at T in {4096, 8192} (target: Triton faster).
+   pct_of_peak counts the roofline row's fp8 584 B/row); compressor (every config of both designs, "channels" and
+   "tiles", eager and CUDA-graph, numerics of each vs the reference, a same-bytes copy and a read-flushed default
+   as references; capped at COMP_SWEEP_S) and indexer Q (GB/s; target >= 70 % at T >= 4096); DeepGEMM logits +
+   top-k; FlexAttention at T in {4096, 8192} (target: Triton faster).
 Peaks: data/results/<gpu>/peaks.jsonl if present, else measured here and written to <out>/peaks.jsonl.
 """
 from __future__ import annotations
@@ -141,6 +143,7 @@ def inv_freq(dev: str):
 
 
 # ---- sparse attention launch configs (kernel table: dsv4lab/kernels/triton/sparse_attention.py CONFIGS) -----------
+COMP_SWEEP_S = 40.0             # wall-clock cap of the compressor phase (all shapes, configs, references)
 ATTN_SWEEP_S = 45.0             # wall-clock cap of the prefill sweep and of the decode sweep (each)
 # decode sweep shapes (kind, L, batch, split counts also tried with the decode default config)
 DECODE_SWEEP = [("csa", 32768, 1, [1, 2, 4, 8, 16]), ("csa", 32768, 16, [1, 2, 4, 8]), ("csa", 32768, 64, [1, 2, 4]),
@@ -419,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     def tfields(t):
         return dict(p20=t.p20, p80=t.p80, timing_mode=t.mode, rep=t.rep, warmup=t.warmup, l2_flush=t.flush_l2)
 
-    def bench(fn, rep=20):
+    def bench(fn, rep=20, graph=False):
         return timing.bench(fn, rep=rep if not dry else 2, warmup=3 if not dry else 1,
-                            device=dev)
+                            device=dev, graph=graph and not dry)   # no CUDA graphs on the CPU dry run
 
     prefill_T = [64] if dry else [1024, 4096, 8192, 16384]
     num_T = [64] if dry else [1024, 4096]
@@ -643,14 +646,24 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:
                         error("sparse_attention", f"decode-{kind}-L{L}", B, e)
 
-    # compressor and indexer Q: every launch config of the kernel's CONFIGS table is timed (kernel alone, L2 flushed)
-    # and recorded with its config; the launcher default (DEFAULT_CONFIG) is flagged is_default. Kernel shapes are
-    # the same for Flash and Pro (hd = 512, n_I = 64, d_I = 128); hd = 128 is the indexer's own compressor.
-    comp_cases = [(T, r, hd) for T in ([256] if dry else [4096, 16384]) for r, hd in ((4, D_HEAD), (128, D_HEAD), (4, D_I))]
+    # compressor: every launch config of the kernel's CONFIGS (design "channels") and TILES_CONFIGS (design "tiles")
+    # tables, per shape, is run once against the reference (numerics) and timed (kernel alone, L2 flushed) as an
+    # eager call with CUDA events (comparable with earlier runs; includes any host launch gap) AND as a CUDA-graph
+    # replay (kernel only; a split config's graph also holds the zeroing of its arrival counters); the launcher
+    # default (DEFAULT_CONFIG) is flagged is_default. References per shape: a device copy moving the same bytes
+    # (copy-same-bytes: what "70 % of copy BW" means at this size) and the default config with a read-flushed L2
+    # (no dirty memset lines written back inside the kernel). Kernel shapes are the same for Flash and Pro
+    # (hd = 512); hd = 128 is the indexer's own compressor. Capped at COMP_SWEEP_S.
+    comp_cases = ([(64, 4, D_HEAD), (256, 128, D_HEAD), (64, 4, D_I)] if dry else
+                  [(T, r, hd) for T in [4096, 16384] for r, hd in ((4, D_HEAD), (128, D_HEAD), (4, D_I))])
+    comp_cap = float("inf") if dry else COMP_SWEEP_S          # the interpreter is slow: a dry run checks logic only
     if "compressor" in ok:
+        from dsv4lab.kernels.reference.compressor import compress as ref_compress
         from dsv4lab.kernels.triton import compressor as TC
+        comp_t0 = time.perf_counter()
+        comp_table: list[str] = []
         for T, r, hd in comp_cases:
-            if left() < 30:
+            if left() < 30 or time.perf_counter() - comp_t0 > comp_cap:
                 skip("compressor", f"r{r}-hd{hd}", T, "budget")
                 continue
             try:
@@ -659,17 +672,33 @@ def main(argv: list[str] | None = None) -> int:
                 S = x.float() @ wg.float().T
                 inv = inv_freq(dev)
                 c = 2 if r == 4 else 1
+                fp8 = hd == D_HEAD
                 # what this kernel must move: A and S once, ape once, the bf16 entries (roofline row 11 also counts
                 # the state write, which here is the GEMMs' fp32 output: reported as pct_of_peak alongside)
                 actual = 8 * c * T * hd + 4 * r * c * hd + (T // r) * hd * 2
                 cost = roofline.cost("compressor", T=T, r=r, hd=hd)
                 n = T // r
+                ref = ref_compress(x, wkv, wg, ape, nw, r, inv, head_dim=hd, fp8_nope=fp8)
+                pct = (lambda us: 100 * actual / (us * 1e-6) / peaks.copy_bw) if peaks is not None else (lambda us: float("nan"))
+                try:                                   # the same bytes moved by a plain device copy, same timing
+                    src = torch.empty(actual // 2, dtype=torch.uint8, device=dev)
+                    dst = torch.empty_like(src)
+                    tc = bench(lambda: dst.copy_(src))
+                    rec("compressor", "torch", f"copy-same-bytes-r{r}-hd{hd}", T, "time", "us", tc.p50,
+                        actual_bytes=actual, gbps_actual=actual / (tc.p50 * 1e-6) / 1e9, pct_bw_actual=pct(tc.p50),
+                        hd=hd, ratio=r, **tfields(tc))
+                    del src, dst
+                except Exception as e:
+                    tc = None
+                    error("compressor", f"copy-same-bytes-r{r}-hd{hd}", T, e)
                 default = TC.resolve_config(r, n, hd)
-                best = dflt = None
-                seen = []
-                sweep = [dict(TC.DEFAULT_CONFIG[r])] + TC.CONFIGS[r][: None if hd == D_HEAD else 3]
+                sweep = ([dict(TC.DEFAULT_CONFIG[r])] + TC.CONFIGS[r][: None if hd == D_HEAD else 3]
+                         + TC.TILES_CONFIGS.get((r, hd), []))
+                if dry:                            # logic check: the default and one config of each design
+                    sweep = [sweep[0], TC.CONFIGS[r][0]] + TC.TILES_CONFIGS.get((r, hd), [])[-1:]
+                seen, rows_out, dflt_out = [], [], None
                 for k, cfg in enumerate(sweep):
-                    if left() < 25:
+                    if left() < 25 or time.perf_counter() - comp_t0 > comp_cap:
                         skip("compressor", f"sweep-r{r}-hd{hd}", T, "budget")
                         break
                     try:
@@ -678,35 +707,74 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         seen.append(res)
                         is_default = k == 0
-                        t = bench(lambda: TC.compress_from_projections(A, S, ape, nw, r, inv, head_dim=hd,
-                                                                       fp8_nope=hd == D_HEAD, config=cfg))
-                        variant = f"pool-norm-rope-fp8-r{r}" if is_default and hd == D_HEAD else f"sweep-r{r}-hd{hd}"
+                        run = functools.partial(TC.compress_from_projections, A, S, ape, nw, r, inv, head_dim=hd,
+                                                fp8_nope=fp8, config=cfg)
+                        o = run()
+                        if is_default:
+                            dflt_out = o
+                        max_abs = float((o.float() - ref.float()).abs().max()) if n else 0.0
+                        neq = float((o != ref).float().mean()) if n else 0.0
+                        vs_default = float((o.float() - dflt_out.float()).abs().max()) if n and dflt_out is not None else None
+                        t = bench(run)
+                        tg = bench(run, graph=True)
+                        design = res.get("design", "channels")
+                        variant = (f"pool-norm-rope-fp8-r{r}" if is_default and hd == D_HEAD else
+                                   f"tiles-r{r}-hd{hd}" if design == "tiles" else f"sweep-r{r}-hd{hd}")
                         rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="compressor",
                                          backend="triton", variant=variant, preset="flash", tokens=T, dtype="float32")
                         rr.update(config=json.dumps(cfg, sort_keys=True), resolved=json.dumps(res, sort_keys=True),
-                                  is_default=is_default, hd=hd, ratio=r, actual_bytes=actual,
-                                  gbps_actual=actual / (t.p50 * 1e-6) / 1e9)
+                                  design=design, is_default=is_default, hd=hd, ratio=r, actual_bytes=actual,
+                                  gbps_actual=actual / (t.p50 * 1e-6) / 1e9, graph_p50_us=tg.p50,
+                                  graph_p20_us=tg.p20, graph_p80_us=tg.p80,
+                                  graph_gbps_actual=actual / (tg.p50 * 1e-6) / 1e9,
+                                  max_abs_vs_reference=max_abs, frac_neq_reference=neq,
+                                  max_abs_vs_default=vs_default)
                         if peaks is not None:
-                            rr["pct_bw_actual"] = 100 * actual / (t.p50 * 1e-6) / peaks.copy_bw
+                            rr["pct_bw_actual"] = pct(t.p50)
+                            rr["graph_pct_bw_actual"] = pct(tg.p50)
                         results.append(path, [rr])
                         all_recs.append(rr)
+                        rows_out.append(rr)
                         if is_default:
-                            dflt = rr
-                        if best is None or t.p50 < best["value"]:
-                            best = rr
+                            try:                   # read flush: no dirty memset lines written back in the kernel
+                                tr = timing.bench(run, rep=20 if not dry else 2, warmup=3 if not dry else 1,
+                                                  device=dev, flush_kind="read") if not dry else t
+                                rec("compressor", "triton", f"default-readflush-r{r}-hd{hd}", T, "time", "us", tr.p50,
+                                    flush_kind="read", actual_bytes=actual, pct_bw_actual=pct(tr.p50), hd=hd, ratio=r,
+                                    config=json.dumps(cfg, sort_keys=True), **tfields(tr))
+                                rr["_readflush_us"] = tr.p50
+                            except Exception as e:
+                                error("compressor", f"default-readflush-r{r}-hd{hd}", T, e)
+                        del o
                     except Exception as e:
                         error("compressor", f"sweep-r{r}-hd{hd} {json.dumps(cfg, sort_keys=True)}", T, e)
-                if hd == D_HEAD:
+                if hd == D_HEAD and not dry:
                     t2 = bench(lambda: TC.compress(x, wkv, wg, ape, nw, r, inv, head_dim=hd, fp8_nope=True))
                     rec("compressor", "triton", f"with-gemms-r{r}", T, "time", "us", t2.p50, **tfields(t2))
-                if best is not None and dflt is not None:
-                    summary.append(f"compressor r={r:3d} hd={hd} T={T:5d}: default {json.dumps(default, sort_keys=True)} "
-                                   f"{dflt['value']:7.1f} us {dflt['gbps_actual']:5.0f} GB/s "
-                                   f"({dflt.get('pct_bw_actual', float('nan')):.0f}% BW) | best {best['resolved']} "
-                                   f"{best['value']:7.1f} us ({best.get('pct_bw_actual', float('nan')):.0f}% BW)")
-                del A, S
+                if rows_out:
+                    d = rows_out[0] if rows_out[0]["is_default"] else None
+                    best_ev = min(rows_out, key=lambda q: q["value"])
+                    best_gr = min(rows_out, key=lambda q: q["graph_p50_us"])
+                    head = (f"compressor r={r:3d} hd={hd} T={T:5d}: copy-same-bytes "
+                            f"{tc.p50 if tc else float('nan'):6.1f} us ({pct(tc.p50) if tc else float('nan'):.0f}%)")
+                    if d is not None:
+                        head += (f" | default {d['resolved']} {d['value']:6.1f} us ({d.get('pct_bw_actual', float('nan')):.0f}%)"
+                                 f" graph {d['graph_p50_us']:6.1f} ({d.get('graph_pct_bw_actual', float('nan')):.0f}%)"
+                                 f" readflush {d.get('_readflush_us', float('nan')):6.1f}")
+                    summary.append(head)
+                    summary.append(f"    best eager {best_ev['resolved']} {best_ev['value']:6.1f} us "
+                                   f"({best_ev.get('pct_bw_actual', float('nan')):.0f}%) | best graph {best_gr['resolved']} "
+                                   f"{best_gr['graph_p50_us']:6.1f} us ({best_gr.get('graph_pct_bw_actual', float('nan')):.0f}%)")
+                    for q in rows_out:
+                        q.pop("_readflush_us", None)
+                        comp_table.append(f"    r={r:3d} hd={hd:3d} T={T:5d} {q['resolved']:62s} eager {q['value']:7.1f} "
+                                          f"graph {q['graph_p50_us']:7.1f} us ({q.get('graph_pct_bw_actual', float('nan')):3.0f}%)"
+                                          f" max|d ref| {q['max_abs_vs_reference']:.3g} neq {q['frac_neq_reference']:.4f}")
+                del A, S, ref
             except Exception as e:
                 error("compressor", f"r{r}-hd{hd}", T, e)
+        summary.extend(comp_table)
+        print(f"  compressor phase: {time.perf_counter() - comp_t0:.1f} s")
 
     if "indexer_q" in ok:
         from dsv4lab.kernels.reference.indexer_q import indexer_q_rope_quant as ref_indexer_q

@@ -232,6 +232,8 @@ def test_indexer_q_swept_configs_bitwise_and_empty():
     (4, 16, dict(groups=8, num_warps=2)),   # one candidate per program
     (128, 300, dict(groups=8)),             # 16 rows per program; tokens past the last block unused
     (128, 384, dict(entries=2, groups=4)),  # 3 entries: a merge over a half-padded entry block
+    (128, 256, dict(groups=16, num_warps=1)),              # merged in 2 steps of 8 groups (online over steps)
+    (4, 37, dict(entries=8, groups=2, num_warps=1)),       # 1 group per merge step: entry 0's first step is absent
 ])
 def test_tiles_design_matches_reference(ratio, T, config):
     hd = 128

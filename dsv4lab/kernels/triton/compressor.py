@@ -223,7 +223,7 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
                            count_ptr, n_entries, stride_row, eps,
                            RATIO: tl.constexpr, OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                            ROPE_DIM: tl.constexpr, ENTRIES: tl.constexpr, GROUPS: tl.constexpr,
-                           FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                           MERGE: tl.constexpr, FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr, AMAX_FLOOR: tl.constexpr,
                            SOFT_ROUND: tl.constexpr):
     """Design "tiles": a program loads ONE tile [ENTRIES, N_CAND / GROUPS, HEAD_DIM] of whole contiguous rows (no
     loop, every load in flight at once) for ENTRIES consecutive entries and candidate group ``g``.
@@ -270,13 +270,23 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
         tl.debug_barrier()                                         # every thread's partials are written first
         arrived = tl.atomic_add(count_ptr + eblock, 1, sem="acq_rel", scope="gpu")
         if arrived == GROUPS - 1:                                  # the last group of this entry block: merge
-            gs = tl.arange(0, GROUPS)
-            slots = (entry[:, None, None] * GROUPS + gs[None, :, None]) * HEAD_DIM + dims[None, None, :]
-            part = tl.load(part_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
-            lse = tl.load(lse_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
-            top = tl.max(lse, axis=1)                              # finite: the entry's own block is present
-            w = tl.exp(lse - top[:, None, :])
-            pooled = tl.sum(w * part, axis=1) / tl.sum(w, axis=1)
+            # MERGE groups per step (online over steps): bounds the registers of the [E, MERGE, HD] loads
+            top = tl.full([ENTRIES, HEAD_DIM], float("-inf"), tl.float32)
+            num = tl.zeros([ENTRIES, HEAD_DIM], dtype=tl.float32)
+            den = tl.zeros([ENTRIES, HEAD_DIM], dtype=tl.float32)
+            for g0 in range(0, GROUPS, MERGE):
+                gs = g0 + tl.arange(0, MERGE)
+                slots = (entry[:, None, None] * GROUPS + gs[None, :, None]) * HEAD_DIM + dims[None, None, :]
+                part = tl.load(part_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
+                lse = tl.load(lse_ptr + slots, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
+                new_top = tl.maximum(top, tl.max(lse, axis=1))
+                ref = tl.where(new_top == float("-inf"), 0.0, new_top)   # all absent so far: sums stay 0
+                alpha = tl.exp(top - ref)
+                w = tl.exp(lse - ref[:, None, :])
+                num = num * alpha + tl.sum(w * part, axis=1)
+                den = den * alpha + tl.sum(w, axis=1)
+                top = new_top
+            pooled = num / den                                     # den > 0: the entry's own block is present
             _finish_rows(pooled, entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM,
                          FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
             tl.store(count_ptr + eblock, 0)                        # leave the cached counters zeroed
@@ -433,6 +443,7 @@ def compress_from_projections(A: torch.Tensor, S: torch.Tensor, ape: torch.Tenso
             A, S, ape32, norm_weight, cos, sin, out, part[0] if G > 1 else part, part[1] if G > 1 else part,
             counters, n, A.stride(0), float(eps),
             RATIO=ratio, OVERLAP=ratio == 4, HEAD_DIM=head_dim, ROPE_DIM=rope, ENTRIES=E, GROUPS=G,
+            MERGE=max(1, min(G, 32 * 32 * cfg["num_warps"] // (E * head_dim))),   # <= 32 values/thread/load
             FP8_NOPE=bool(fp8_nope and nope), QBLOCK=FP8_KV_BLOCK, AMAX_FLOOR=FP8_AMAX_FLOOR,
             SOFT_ROUND=_INTERPRETED, num_warps=cfg["num_warps"])
         return out
