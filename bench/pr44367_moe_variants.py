@@ -224,6 +224,15 @@ def gemv_config_phase(run, state, preset: str, tokens, peaks, warm_only: bool = 
                 except Exception as e:  # noqa: BLE001
                     run.error("moe_experts", backend, variant, preset, t, e, stage="read-flush timing", **common)
         run.lines.append(f"  gemvcfg {preset} T={t} us (% BW): " + ", ".join(p for p in parts if "(" in p))
+        chains = {n: tm.p50 for n, tm in times.items() if not n.startswith("stage_")}
+        if chains:
+            best = min(chains, key=chains.get)
+            agree = _agreement(outs[best], masked) if masked is not None else {}
+            run.lines.append(f"  gemvcfg {preset} T={t} BEST {best} {chains[best]:.1f} us "
+                             f"({100 * weight_bytes / (chains[best] * 1e-6) / peaks.copy_bw if peaks else 0:.0f}% BW) "
+                             f"vs torchq {chains.get('torchq', float('nan')):.1f} us; vs masked: max|diff|/max|y| "
+                             f"{agree.get('max_abs_diff_rel', float('nan')):.2e}, <=1 ulp "
+                             f"{agree.get('frac_le1ulp', float('nan')):.3f}")
         run.lines.append(f"  gemvcfg {preset} T={t} stages us: " + ", ".join(p for p in parts if "(" not in p))
         bad = [n for n in outs if n in ("tritonq", "fused") and base is not None and not torch.equal(outs[n], base)]
         if bad:
