@@ -631,7 +631,6 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
     "same_as" record instead of a second timing. ``design_ok[(op, design)]``: its subprocess smoke passed.
     tile_kernels (``tk``) is timed in the same way at the same T, so each design's ratio to it is like for like."""
     from dsv4lab.kernels.tilelang import _mhc_common as common
-    from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
 
     c, recs = make_case(preset, t, R.dev, seed=t), []
     d, graph = c["residual"].shape[2], t <= GRAPH_MAX_T and R.dev == "cuda"
@@ -654,11 +653,7 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
     for vname, over in VARIANTS.items():
         with tuning(**over):
             resolved = common.design_for(t, d)
-            key = (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
-                   common.chunk_tokens(d) if resolved == "l2_chunked" else None,
-                   # the pre epilogue in use (small_t always runs v3)
-                   bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t",
-                   common.TUNING["gemm_block_tokens"] if resolved != "small_t" else None)   # small_t: no GEMM
+            key = launch_key(d, t)
             for op in DESIGN_OPS:
                 if vname in OVERLAP_VARIANTS and op not in OVERLAP_OPS:
                     continue   # hc_head: identical launches to two_pass / l2_chunked
@@ -689,6 +684,19 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
                     print(f"  ERROR design {vname} {op} {preset} T={t}: {type(e).__name__}: {str(e)[:200]}")
     del c
     return recs
+
+
+def launch_key(d: int, t: int) -> tuple:
+    """What the launchers run for hidden size ``d`` and T = ``t`` under the current TUNING: variants with equal keys
+    launch the same kernels (the sweep and the 1b numerics check each key once)."""
+    from dsv4lab.kernels.tilelang import _mhc_common as common
+    from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
+
+    resolved = common.design_for(t, d)
+    return (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
+            common.chunk_tokens(d) if resolved == "l2_chunked" else None,
+            bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t",   # the pre epilogue (small_t: v3)
+            common.TUNING["gemm_block_tokens"] if resolved != "small_t" else None)   # small_t has no GEMM
 
 
 def _stage_times(R: Runner, preset: str, t: int, c: dict, peaks, graph: bool) -> list[dict]:
@@ -916,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tile_kernels ops usable: {tk_ok}")
 
     # ---- 1b. issue #6 first (the budget cuts the tail): numerics of the new designs where the smoke passed --
+    from dsv4lab.config import get_config
+
+    numerics_seen: dict[tuple, str] = {}
     for p in args.presets:
         for (op, design), ok in design_ok.items():
             if design not in NUMERICS_VARIANTS:
@@ -925,12 +936,24 @@ def main(argv: list[str] | None = None) -> int:
                               reason="failed to compile/load or its subprocess smoke test")])
                 continue
             for t in design_numerics_tokens:
+                with tuning(**VARIANTS[design]):
+                    key = (op, p, t, launch_key(get_config(p).hidden_size, t))
+                if key in numerics_seen:   # the same launches as a variant already checked at this T
+                    R.save([R.rec(op, "tilelang", f"design:{design}", p, t, "same_as", None, numerics_seen[key],
+                                  design=design, what="numerics")])
+                    continue
+                numerics_seen[key] = design
                 def case(op=op, t=t, p=p, design=design):
                     with tuning(**VARIANTS[design]):
                         return numerics_case(R, p, op, t, tilelang_call,
                                              "tilelang" if not dry else "tilelang(emulated)", design=design)
                 R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=40)
             for t in (() if dry else (1, 1000) if design in NEW_DESIGNS else (1, 70)):
+                with tuning(**VARIANTS[design]):
+                    key = ("graph", op, p, t, launch_key(get_config(p).hidden_size, t))
+                if key in numerics_seen:
+                    continue
+                numerics_seen[key] = design
                 def bitwise(op=op, t=t, p=p, design=design):
                     with tuning(**VARIANTS[design]):
                         return graph_and_determinism(R, p, op, t, design)
