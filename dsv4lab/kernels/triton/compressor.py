@@ -190,19 +190,28 @@ def _compress_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, out_pt
 
 
 @triton.jit
-def _finish_rows(pooled, entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
+def _epilogue_operands(entry, valid, norm_w_ptr, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """(norm weight [HEAD_DIM] fp32, cos, sin [ENTRIES, HEAD_DIM / 2]: 1 / 0 on the nope pairs) of ``_finish_rows``;
+    loaded before the candidate tile where every program finishes its rows, so their latency overlaps it."""
+    NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
+    pair = tl.arange(0, HEAD_DIM // 2)
+    rot_pair = (pair >= NOPE // 2)[None, :] & valid[:, None]
+    table = entry[:, None] * (ROPE_DIM // 2) + pair[None, :] - NOPE // 2
+    return (tl.load(norm_w_ptr + tl.arange(0, HEAD_DIM)).to(tl.float32),
+            tl.load(cos_ptr + table, mask=rot_pair, other=1.0), tl.load(sin_ptr + table, mask=rot_pair, other=0.0))
+
+
+@triton.jit
+def _finish_rows(pooled, entry, valid, norm_w, cos, sin, out_ptr, eps,
                  HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, FP8_NOPE: tl.constexpr, QBLOCK: tl.constexpr,
                  AMAX_FLOOR: tl.constexpr, SOFT_ROUND: tl.constexpr, ENTRIES: tl.constexpr):
-    """``_finish_row`` for ENTRIES rows at once: ``pooled`` [ENTRIES, HEAD_DIM], rows with ``valid`` False skipped."""
+    """``_finish_row`` for ENTRIES rows at once: ``pooled`` [ENTRIES, HEAD_DIM], rows with ``valid`` False skipped;
+    ``norm_w``, ``cos``, ``sin`` from ``_epilogue_operands``."""
     NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
     dims = tl.arange(0, HEAD_DIM)
     ms = tl.sum(pooled * pooled, axis=1) / HEAD_DIM
-    y = pooled * tl.rsqrt(ms + eps)[:, None] * tl.load(norm_w_ptr + dims).to(tl.float32)[None, :]
-    pair = tl.arange(0, HEAD_DIM // 2)
-    rot_pair = (pair >= NOPE // 2)[None, :]
-    table = entry[:, None] * (ROPE_DIM // 2) + pair[None, :] - NOPE // 2
-    cos = tl.load(cos_ptr + table, mask=rot_pair & valid[:, None], other=1.0)
-    sin = tl.load(sin_ptr + table, mask=rot_pair & valid[:, None], other=0.0)
+    y = pooled * tl.rsqrt(ms + eps)[:, None] * norm_w[None, :]
+    rot_pair = (tl.arange(0, HEAD_DIM // 2) >= NOPE // 2)[None, :]
     even, odd = tl.split(tl.reshape(y, (ENTRIES, HEAD_DIM // 2, 2)))
     # nope pairs pass through untouched (a rotation by 0 could flip the sign of an exact zero)
     y = tl.reshape(tl.join(tl.where(rot_pair, even * cos - odd * sin, even),
@@ -229,7 +238,8 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
     loop, every load in flight at once) for ENTRIES consecutive entries and candidate group ``g``.
     GROUPS = 1: it pools and finishes its rows. GROUPS > 1: it writes per-channel partials (the group's softmax
     average ``part`` and log-sum-exp ``lse``; an all-absent group writes (0, -inf)) and the last of the GROUPS
-    programs of the entry block (arrival counter) merges them: pooled = sum_g e^(lse_g - M) part_g / sum_g e^(lse_g - M).
+    programs of the entry block (arrival counter) merges them:
+    pooled = sum_g e^(lse_g - M) part_g / sum_g e^(lse_g - M).
     Programs are numbered group-fastest, so the groups of one entry block (one contiguous range of tokens) run
     together."""
     N_CAND: tl.constexpr = 2 * RATIO if OVERLAP else RATIO
@@ -240,6 +250,8 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
     eblock = pid // GROUPS
     entry = eblock.to(tl.int64) * ENTRIES + tl.arange(0, ENTRIES)
     valid = entry < n_entries
+    if GROUPS == 1:
+        norm_w, cos, sin = _epilogue_operands(entry, valid, norm_w_ptr, cos_ptr, sin_ptr, HEAD_DIM, ROPE_DIM)
     u = g * ROWS + tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
     token = entry[:, None] * RATIO - FIRST + u[None, :]                                     # [E, ROWS]
@@ -259,8 +271,8 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
     l = tl.sum(p, axis=1)
     acc = tl.sum(p * value, axis=1)
     if GROUPS == 1:
-        _finish_rows(acc / tl.where(valid[:, None], l, 1.0), entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM,
-                     FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
+        _finish_rows(acc / tl.where(valid[:, None], l, 1.0), entry, valid, norm_w, cos, sin, out_ptr, eps, HEAD_DIM,
+                     ROPE_DIM, FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
     else:
         has = l > 0.0
         slot = (entry[:, None] * GROUPS + g) * HEAD_DIM + dims[None, :]
@@ -287,7 +299,8 @@ def _compress_tiles_kernel(a_ptr, s_ptr, ape_ptr, norm_w_ptr, cos_ptr, sin_ptr, 
                 den = den * alpha + tl.sum(w, axis=1)
                 top = new_top
             pooled = num / den                                     # den > 0: the entry's own block is present
-            _finish_rows(pooled, entry, valid, norm_w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HEAD_DIM, ROPE_DIM,
+            norm_w, cos, sin = _epilogue_operands(entry, valid, norm_w_ptr, cos_ptr, sin_ptr, HEAD_DIM, ROPE_DIM)
+            _finish_rows(pooled, entry, valid, norm_w, cos, sin, out_ptr, eps, HEAD_DIM, ROPE_DIM,
                          FP8_NOPE, QBLOCK, AMAX_FLOOR, SOFT_ROUND, ENTRIES)
             tl.store(count_ptr + eblock, 0)                        # leave the cached counters zeroed
 
