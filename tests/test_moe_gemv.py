@@ -258,3 +258,15 @@ def test_config_contract(experts):
     with pytest.raises(TypeError, match="x"):
         mg.moe_gemv_x(x_q, *args[2:], **kw)                      # moe_gemv_x takes the unquantised x
     assert mg.moe_gemv_x(x[:0], w[:0], ids[:0], *args[4:], **kw).shape == (0, D)
+
+
+def test_policy_x_quant_triton_gives_the_same_bits(experts):
+    """LAYOUT_POLICY['x_quant'] = 'triton' (act_quant_fp8, one launch) instead of quant_fp8: same x codes and scales,
+    so the same output bits on the gemv and the contiguous (emulated GEMM) paths; the default stays 'torch'."""
+    _, _, ex = experts
+    x, w, ids = case(3)
+    assert gm.LAYOUT_POLICY["x_quant"] == "torch"
+    tri = dict(gm.LAYOUT_POLICY, x_quant="triton")
+    for kw in (dict(layout="gemv"), dict(alignment=4, grouped_gemm=emulated_grouped_gemm)):
+        base = gm.experts_forward(x, w, ids, ex, swiglu_limit=L, **kw)
+        assert torch.equal(gm.experts_forward(x, w, ids, ex, swiglu_limit=L, policy=tri, **kw), base)

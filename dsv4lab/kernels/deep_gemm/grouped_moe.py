@@ -61,8 +61,19 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 #   gemv_max_tokens: up to this T the Triton weight-streaming GEMV path (triton/moe_gemv.py) instead of any grouped
 #   layout; 0 = off until the H100 records (bench/pr44367_megamoe.py, variants gemv_fp8*) show it wins
 #   gemv_config: triton/moe_gemv.GemvConfig of that path (None = its DEFAULT_CONFIG; variants gemv_cfg_* compare them)
+#   x_quant: step 1 by 'torch' (quant_fp8) or 'triton' (triton/act_quant_fp8.py: one launch, the same bits)
 LAYOUT_POLICY: dict = {"masked_max_tokens": 64, "masked_min_tokens": None, "static_m_max_tokens": 256,
-                       "expected_m": None, "gemv_max_tokens": 0, "gemv_config": None}
+                       "expected_m": None, "gemv_max_tokens": 0, "gemv_config": None, "x_quant": "torch"}
+
+
+def _quant_x(x: torch.Tensor, policy: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 by ``policy['x_quant']``: 'torch' (quant_fp8, ~15 small launches) or 'triton' (act_quant_fp8, one
+    launch, the same bits for finite x and NaN blocks; bench variant masked_tritonq)."""
+    if (LAYOUT_POLICY if policy is None else policy).get("x_quant", "torch") == "triton":
+        from ..triton.act_quant_fp8 import act_quant_fp8
+
+        return act_quant_fp8(x)
+    return quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
 
 
 def layout_for(tokens: int, policy: dict | None = None) -> str:
@@ -369,9 +380,9 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
         kw = dict(n_routed=experts.n_routed, swiglu_limit=limit, out_dtype=x.dtype, validate_ids=False, config=cfg)
         if x_quant is None and cfg.fuse_x_quant:
             return moe_gemv_x(x.contiguous(), *args, **kw)
-        x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
+        x_q, x_sf = x_quant if x_quant is not None else _quant_x(x, policy)
         return moe_gemv(x_q.contiguous(), x_sf.contiguous(), *args, **kw)
-    x_q, x_sf = x_quant if x_quant is not None else quant_fp8(x, QUANT_BLOCK, pow2=True, amax_floor=FP8_AMAX_FLOOR)
+    x_q, x_sf = x_quant if x_quant is not None else _quant_x(x, policy)
     if layout == "masked":
         return _masked_forward(x, x_q, x_sf, weights, ids, experts, limit, masked_gemm or deep_gemm_masked, m_max,
                                expected_m, validate_ids, LAYOUT_POLICY if policy is None else policy)
