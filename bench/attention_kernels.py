@@ -152,10 +152,10 @@ DECODE_SWEEP_DRY = [("csa", 512, 1, [1, 3]), ("hca", 512, 2, [])]
 
 
 def attn_sweep_cases(SA, regime: str, dry: bool) -> list[tuple[str, dict]]:
-    """(name, launch knobs): every CONFIGS entry, plus the regime's default without the trailing-run trim."""
+    """(name, launch knobs): every CONFIGS entry, plus the regime's default with its trailing-run trim flipped."""
     cases = [(name, dict(cfg)) for name, cfg in SA.CONFIGS.items()]
-    # the default's opposite trim setting (trim is on by default in prefill, off in decode)
-    flip = regime != "prefill"
+    # the default config with the opposite of the regime's default trim setting
+    flip = not SA.TRIM_DEFAULT[regime]
     cases.append((SA.DEFAULTS[regime] + ("-trim" if flip else "-notrim"), dict(SA.CONFIGS[SA.DEFAULTS[regime]], trim=flip)))
     return cases[:2] if dry else cases
 
@@ -265,88 +265,144 @@ def run_smoke(dev: str, timeout: float) -> dict[str, str]:
 
 # ---- TileLang sparse attention prefill (dsv4lab/kernels/tilelang/sparse_attention.py) ------------------------
 TL_PREFILL_T = 8192
+TL_SWEEP_S = 55.0               # wall-clock cap of the whole TileLang phase (compiles included)
+TL_COMPILE_TIMEOUT_S = 45.0     # per compile+smoke subprocess (they run concurrently); a hung kernel costs this much
+# (config name, sparse_attention_launch knobs): every TileLang design at T = 8192; "v1" = the registry default
+TL_VARIANTS = [
+    ("tilelang-v1-n64s2", dict(design="v1")),
+    ("tilelang-ws-n64s2", dict(design="ws", block_n=64, stages=2)),
+    ("tilelang-ws-n64s2-notrim", dict(design="ws", block_n=64, stages=2, trim=False)),
+    ("tilelang-ws-n32s4", dict(design="ws", block_n=32, stages=4)),
+]
 _TL_CHILD = r"""
 import sys, torch
 sys.path.insert(0, {repo!r})
 from dsv4lab.kernels.tilelang import sparse_attention as TLSA
+knobs = {knobs!r}
 for M in {ms!r}:
     print("TL-START", M, flush=True)
-    TLSA.sparse_attention_kernel({h}, {d}, M, {scale!r})        # compile (fills TileLang's disk cache)
+    k = TLSA.resolve_design({d}, **knobs)
+    TLSA.sparse_attention_kernel({h}, {d}, M, {scale!r}, block_n=k["block_n"], stages=k["stages"],
+                                 design=k["design"])        # compile (fills TileLang's disk cache)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(64, {h}, {d}, device="cuda", generator=g).to(torch.bfloat16)
     kv = torch.randn(4096, {d}, device="cuda", generator=g).to(torch.bfloat16)
     idx = torch.randint(-1, 4096, (64, M), device="cuda", generator=g, dtype=torch.int32)
-    o = TLSA.sparse_attention_with_sink(q, kv, idx, torch.randn({h}, device="cuda", generator=g), {scale!r})
+    o = TLSA.sparse_attention_launch(q, kv, idx, torch.randn({h}, device="cuda", generator=g), {scale!r}, **knobs)
     torch.cuda.synchronize()
     print("TL-OK", M, bool(torch.isfinite(o.float()).all()), flush=True)
 """
 
 
+def _tl_compile_all(kinds_m: dict, timeout: float) -> dict:
+    """Compile + smoke every TL_VARIANTS kernel for the list lengths in ``kinds_m``, one subprocess per distinct
+    kernel, all at once (a crash or hang there cannot touch this process). Returns {name: (ok lengths, log tail)}."""
+    from dsv4lab.kernels.tilelang import sparse_attention as TLSA
+
+    def kernel_key(knobs):      # variants that differ only in the launcher's trim share one compiled kernel
+        k = TLSA.resolve_design(D_HEAD, **knobs)
+        return k["design"], k["block_n"], k["stages"]
+
+    procs = {}
+    for name, knobs in TL_VARIANTS:
+        if kernel_key(knobs) in procs:
+            continue
+        code = _TL_CHILD.format(repo=str(REPO), ms=sorted(set(kinds_m.values())), h=H, d=D_HEAD, scale=D_HEAD ** -0.5,
+                                knobs=knobs)
+        procs[kernel_key(knobs)] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)
+    t_end = time.perf_counter() + timeout
+    done = {}
+    for key, p in procs.items():
+        try:
+            out, err = p.communicate(timeout=max(1.0, t_end - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            err = (err or "") + " timeout (compile or a hung kernel)"
+        oks = {m for m in set(kinds_m.values()) if f"TL-OK {m} True" in (out or "")}
+        done[key] = (oks, f"{(out or '')[-300:]} {(err or '')[-600:]}")
+    return {name: done[kernel_key(knobs)] for name, knobs in TL_VARIANTS}
+
+
 def tilelang_prefill_cases(dev, dry, left, rec, error, skip, time_attn, summary, numerics, roofline, SA):
-    """TileLang backend of sparse_attention at T = 8192, CSA and HCA (variant prefill-sweep-<kind>-tilelang):
-    compile + a small launch in a subprocess first (a crash there cannot kill this run), then numerics vs the Triton
-    output (whole tensor) and vs the float64 oracle on sampled rows, and time (same roofline cost as the Triton
-    rows; ``kernel_only_p50_us``: the compiled kernel without the launcher's per-token chunk count)."""
+    """TileLang backend of sparse_attention at T = 8192, CSA and HCA, every TL_VARIANTS design (variant
+    prefill-sweep-<kind>-tilelang, field config): compile + a small launch per design in concurrent subprocesses
+    first, then per design numerics vs the Triton output (whole tensor, max_abs_vs_triton) and vs the float64 oracle
+    on sampled rows, and time (same roofline cost as the Triton rows; ``kernel_only_p50_us``: the compiled kernel
+    without the launcher's per-token chunk count). Capped at TL_SWEEP_S."""
     import torch
 
     from dsv4lab.kernels import registry
+    from dsv4lab.kernels.tilelang import sparse_attention as TLSA
 
     kinds = ("csa", "hca")
+    t0 = time.perf_counter()
     ok, why = registry.availability("sparse_attention", "tilelang")
-    if dry or not ok:
+    if dry or not ok or left() < 45:
+        reason = "CPU dry run" if dry else (why if not ok else "budget")
         for kind in kinds:
-            skip("sparse_attention", f"prefill-sweep-{kind}-tilelang", TL_PREFILL_T, "CPU dry run" if dry else why)
-        return
-    if left() < 45:
-        for kind in kinds:
-            skip("sparse_attention", f"prefill-sweep-{kind}-tilelang", TL_PREFILL_T, "budget")
+            for name, _ in TL_VARIANTS:
+                skip("sparse_attention", f"prefill-sweep-{kind}-tilelang", TL_PREFILL_T, reason)
+        if dry:     # the launch knobs of every variant must at least resolve
+            for name, knobs in TL_VARIANTS:
+                TLSA.resolve_design(D_HEAD, **knobs)
         return
     T, scale = TL_PREFILL_T, D_HEAD ** -0.5
     n_cand = {"csa": W + min(K_I, T // 4), "hca": W + T // 128}
-    code = _TL_CHILD.format(repo=str(REPO), ms=[n_cand[k] for k in kinds], h=H, d=D_HEAD, scale=scale)
-    try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=max(10.0, min(60.0, left() - 40)))
-        out, tail = res.stdout, (res.stderr or "")[-600:]
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout) or ""
-        tail = "timeout"
+    compiled = _tl_compile_all(n_cand, min(TL_COMPILE_TIMEOUT_S, max(10.0, left() - 40)))
     for kind in kinds:
         variant = f"prefill-sweep-{kind}-tilelang"
-        if f"TL-OK {n_cand[kind]} True" not in out:
-            error("sparse_attention", variant, T, RuntimeError(f"compile/smoke subprocess: {out[-300:]} {tail}"))
-            continue
-        if left() < 40:
-            skip("sparse_attention", variant, T, "budget")
-            continue
         try:
-            from dsv4lab.kernels.tilelang import sparse_attention as TLSA
-
             q, kv, idx, sink, r = attention_inputs(T, kind, dev, seed=1)        # the Triton prefill rows' inputs
             cost = roofline.cost("sparse_attention_prefill", T=T, H=H, r=r, d=D_HEAD, W=W, K_I=K_I if r == 4 else None)
-            o_tl = TLSA.sparse_attention_with_sink(q, kv, idx, sink, scale)
             o_tri = SA.sparse_attention_with_sink(q, kv, idx, sink, scale)
             rows = torch.linspace(0, T - 1, 16, device=dev).long()
-            c = numerics.compare(oracle_rows(q, kv, idx, sink, scale, rows), o_tri[rows], o_tl[rows])
-            vs_tri = float((o_tl.float() - o_tri.float()).abs().max())
-            nonfinite = int((~torch.isfinite(o_tl.float())).sum())
-            rec("sparse_attention", "tilelang", variant, T, "max_abs_vs_triton", "1", vs_tri, nonfinite=nonfinite,
-                oracle_max_abs=c.max_abs, triton_oracle_max_abs=c.eager_max_abs, err_ratio_vs_triton=c.err_ratio,
-                oracle_passed=c.passed, rows_sampled=16)
-            chunks = TLSA.chunks_per_token(idx, kv.shape[0])
-            kern = TLSA.sparse_attention_kernel(H, D_HEAD, idx.shape[1], float(scale))
-            o_buf = torch.empty_like(q)
-            t_k = time_attn(T, kind, variant + "-kernel-only", lambda: kern(q, kv, idx, sink, chunks, o_buf), cost,
-                            cost.bytes, backend="tilelang")[0]
-            t, rr = time_attn(T, kind, variant, lambda: TLSA.sparse_attention_with_sink(q, kv, idx, sink, scale),
-                              cost, cost.bytes, backend="tilelang", config="tilelang-h64n64s2", is_default=False,
-                              max_abs_vs_triton=vs_tri, kernel_only_p50_us=t_k.p50)
-            summary.append(f"  tilelang prefill {kind} T={T}: {t.p50:9.1f} us (kernel {t_k.p50:.1f}) "
-                           f"{rr['tflops']:7.1f} TFLOP/s ({rr.get('pct_bf16_peak', float('nan')):.1f}%) "
-                           f"max|tl-tri| {vs_tri:.3g} err_ratio vs triton {c.err_ratio} nonfinite {nonfinite}")
-            del q, kv, idx, o_tl, o_tri, o_buf
+            o64 = oracle_rows(q, kv, idx, sink, scale, rows)
         except Exception as e:
             error("sparse_attention", variant, T, e)
+            continue
+        for name, knobs in TL_VARIANTS:
+            oks, log = compiled[name]
+            if n_cand[kind] not in oks:
+                error("sparse_attention", variant, T, RuntimeError(f"{name}: compile/smoke subprocess: {log}"))
+                continue
+            if left() < 40 or time.perf_counter() - t0 > TL_SWEEP_S:
+                skip("sparse_attention", variant, T, f"budget ({name})")
+                continue
+            try:
+                fields = dict(config=name, knobs=json.dumps(TLSA.resolve_design(D_HEAD, **knobs), sort_keys=True),
+                              is_default=knobs.get("design") == TLSA.DEFAULT_DESIGN and knobs.get("trim", True))
+                o_tl = TLSA.sparse_attention_launch(q, kv, idx, sink, scale, **knobs)
+                c = numerics.compare(o64, o_tri[rows], o_tl[rows])
+                vs_tri = float((o_tl.float() - o_tri.float()).abs().max())
+                nonfinite = int((~torch.isfinite(o_tl.float())).sum())
+                rec("sparse_attention", "tilelang", variant, T, "max_abs_vs_triton", "1", vs_tri, nonfinite=nonfinite,
+                    oracle_max_abs=c.max_abs, triton_oracle_max_abs=c.eager_max_abs, err_ratio_vs_triton=c.err_ratio,
+                    oracle_passed=c.passed, rows_sampled=16, **fields)
+                k = TLSA.resolve_design(D_HEAD, **knobs)
+                if k["trim"]:
+                    chunks = TLSA.chunks_per_token(idx, kv.shape[0], k["block_n"])
+                else:
+                    chunks = torch.full((T,), -(-idx.shape[1] // k["block_n"]), dtype=torch.int32, device=dev)
+                kern = TLSA.sparse_attention_kernel(H, D_HEAD, idx.shape[1], float(scale), block_n=k["block_n"],
+                                                    stages=k["stages"], design=k["design"])
+                o_buf = torch.empty_like(q)
+                t_k = time_attn(T, kind, variant + "-kernel-only", lambda: kern(q, kv, idx, sink, chunks, o_buf), cost,
+                                cost.bytes, backend="tilelang", **fields)[0]
+                t, rr = time_attn(T, kind, variant, functools.partial(TLSA.sparse_attention_launch, q, kv, idx, sink,
+                                                                      scale, **knobs),
+                                  cost, cost.bytes, backend="tilelang", max_abs_vs_triton=vs_tri,
+                                  kernel_only_p50_us=t_k.p50, **fields)
+                summary.append(f"  tilelang prefill {kind} T={T} {name:25s}: {t.p50:8.1f} us (kernel {t_k.p50:.1f}) "
+                               f"{rr['tflops']:6.1f} TFLOP/s ({rr.get('pct_bf16_peak', float('nan')):.1f}%) "
+                               f"max|tl-tri| {vs_tri:.3g} err_ratio {c.err_ratio} oracle_ok {c.passed} "
+                               f"nonfinite {nonfinite}")
+                del o_tl, o_buf
+            except Exception as e:
+                error("sparse_attention", variant, T, RuntimeError(f"{name}: {type(e).__name__}: {e}"))
+        del q, kv, idx, o_tri
+    print(f"  tilelang prefill phase: {time.perf_counter() - t0:.1f} s")
 
 
 # ---- main -------------------------------------------------------------------------------------------
@@ -566,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                         del q, kv, idx
                 except Exception as e:
                     error("sparse_attention", f"prefill-{kind}", T, e)
-        # launch-config sweep at T=8192 (CSA/HCA): every SA.CONFIGS entry + the prefill default without the trim
+        # launch-config sweep at T=8192 (CSA/HCA): every SA.CONFIGS entry + the prefill default with its trim flipped
         sweep_t0 = time.perf_counter()
         for kind, (q, kv, idx, sink, r, cost) in prefill_inputs.items():
             try:

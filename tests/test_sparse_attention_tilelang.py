@@ -6,7 +6,13 @@
    run through the real launcher (``launch``: chunk counts, operand layout, empty cases) against a float64 oracle.
 2. The sm_90a compile (needs tilelang + nvcc): wgmma for both GEMMs, zero-filling cp.async for the gather, a
    pipelined loop, no register spills, dynamic shared memory within the H100's 227 KiB.
-3. Input contracts: bad input raises before any compile.
+3. Input contracts: bad input raises before any compile; the launch knobs (design "v1" | "ws", block_n, stages,
+   trim) are checked by ``resolve_design``.
+Design "ws" (sparse_attention_ws.py) computes the same chunked online softmax as v1 (S on one warpgroup, the two
+output halves on two), so the same emulation covers its launcher path; its compile test checks the warp-specialised
+structure (one 64 x block_n S wgmma per chunk, 64 x 256 PV wgmma per consumer, zero-filling cp.async gathers in the
+producer, setmaxnreg, one CTA-wide barrier) and the GPU test runs it in a subprocess with a time limit (a hung
+barrier fails the test instead of hanging the run).
 
 Not checked here: the kernel's numerics on a GPU (bench/attention_kernels.py, variant prefill-sweep-*-tilelang).
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,7 +94,8 @@ def emulated_kernel(n_heads, d, n_cand, scale, block_n=TLSA.BLOCK_N):
 @pytest.fixture
 def emulated(monkeypatch):
     """``TLSA.launch`` runs on CPU tensors with the compiled kernel replaced by the emulation."""
-    monkeypatch.setattr(TLSA, "sparse_attention_kernel", lambda H, d, M, scale, *a, **k: emulated_kernel(H, d, M, scale))
+    monkeypatch.setattr(TLSA, "sparse_attention_kernel",
+                        lambda H, d, M, scale, *a, **k: emulated_kernel(H, d, M, scale, k.get("block_n", TLSA.BLOCK_N)))
 
 
 def make(T, H, d, N, M, seed=0):
@@ -99,8 +107,8 @@ def make(T, H, d, N, M, seed=0):
     return q, kv, idx, sink
 
 
-def run_and_check(q, kv, idx, sink, what):
-    o = TLSA.launch(q, kv, idx, sink, SCALE)
+def run_and_check(q, kv, idx, sink, what, **knobs):
+    o = TLSA.launch(q, kv, idx, sink, SCALE, **knobs)
     assert o.dtype == torch.bfloat16 and o.shape == q.shape
     o64 = oracle64(q, kv, idx, sink, SCALE)
     assert_within(o, o64, bound(o64, kv), what)
@@ -141,6 +149,44 @@ def test_pro_heads_two_head_tiles_and_csa_like_lists():
     for t in range(T):
         idx[t, 16 + 10 * t:] = -1
     run_and_check(q, kv, idx, sink, "two head tiles")
+
+
+@pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("knobs", [dict(design="ws"), dict(design="ws", block_n=32, stages=4),
+                                   dict(design="ws", trim=False), dict(design="v1", trim=False),
+                                   dict(design="v1", block_n=16, stages=3)],
+                         ids=["ws", "ws-n32s4", "ws-notrim", "v1-notrim", "v1-n16s3"])
+def test_launch_knobs_match_oracle(knobs):
+    """Every knob set the bench sweeps runs the launcher to the same attention: chunk size, untrimmed lists (chunks
+    made only of -1 / past-the-end entries contribute nothing), CSA-like lists with -1 tails, d = 128 (the ws
+    design's two halves of 64)."""
+    T, N = 5, 260
+    q, kv, idx, sink = make(T, 64, 128, N, 150, seed=7)
+    idx[:, :32] = torch.arange(32)[None, :] + 3 * torch.arange(T)[:, None]      # a shared, shifted window
+    for t in range(T):
+        idx[t, 32 + 25 * t:] = -1
+    run_and_check(q, kv, idx, sink, f"knobs {knobs}", **knobs)
+
+
+@pytest.mark.parametrize("knobs, exc, match", [
+    (dict(design="v2"), ValueError, "design"),
+    (dict(block_n=24), ValueError, "block_n"),
+    (dict(stages=0), ValueError, "stages"),
+    (dict(trim=1), TypeError, "trim"),
+    (dict(design="ws", block_n=64, stages=3), ValueError, "stages"),     # 264 KiB of shared memory at d = 512
+    (dict(design="v1", block_n=128, stages=2), ValueError, "stages"),
+])
+def test_resolve_design_rejects_bad_knobs(knobs, exc, match):
+    with pytest.raises(exc, match=match):
+        TLSA.resolve_design(512, **knobs)
+
+
+def test_ws_needs_head_dim_multiple_of_128():
+    with pytest.raises(ValueError, match="q: the ws design"):
+        TLSA.resolve_design(192, design="ws")
+    assert TLSA.resolve_design(512) == {"design": TLSA.DEFAULT_DESIGN, "block_n": TLSA.BLOCK_N,
+                                        "stages": TLSA.STAGES, "trim": True}
+    assert TLSA.resolve_design(512, design="ws")["block_n"] == TLSA.WS_BLOCK_N
 
 
 def test_chunks_per_token_hand_computed():
@@ -254,30 +300,72 @@ def test_compiles_to_wgmma_and_zero_filling_cp_async(n_heads, n_cand):
     assert "0 bytes spill stores, 0 bytes spill loads" in usage, usage
 
 
+@needs_compiler
+@pytest.mark.parametrize("n_heads, block_n, stages", [(64, 64, 2), (128, 32, 4)])
+def test_ws_design_compiles_warp_specialised(n_heads, block_n, stages):
+    from dsv4lab.kernels.tilelang import sparse_attention_ws as WS
+
+    kernel = TLSA.sparse_attention_kernel(n_heads, 512, 640, SCALE, ARCH, block_n=block_n, stages=stages, design="ws")
+    src = kernel.get_kernel_source()
+    # consumer 0 computes S alone (N = block_n, K = 512 in two halves); each consumer's PV owns 256 output dims
+    assert src.count(f"kBFloat16, tl::DataType::kFloat32, 64, {block_n}, 16") == 2
+    assert src.count("kBFloat16, tl::DataType::kFloat32, 64, 256, 16") == 2
+    # producer: predicated (zero-filling) cp.async gathers of both halves, mbarrier hand-offs, register split
+    assert src.count("cp_async_gs_conditional<16>") == 2
+    assert "warpgroup_reg_alloc<240>" in src and "warpgroup_reg_alloc<168>" in src and "reg_dealloc<80>" in src
+    assert ".wait(" in src and ".arrive()" in src
+    assert src.count("__syncthreads()") == 1            # only after the barrier init: the roles never meet again
+    smem = [int(v) for v in re.findall(r"v_int64\) = \(\(int64_t\)(\d{5,6})\)", kernel.get_host_source())]
+    assert smem and max(smem) == WS.smem_bytes(512, block_n, stages) <= TLSA.SMEM_LIMIT
+    usage = _ptxas_usage(src)
+    assert "0 bytes spill stores, 0 bytes spill loads" in usage, usage
+
+
 # ---- the real kernel (Hopper GPU only) -------------------------------------------------------------------------
 def _on_hopper() -> bool:
     return _have_tilelang() and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU and tilelang")
-@pytest.mark.parametrize("case", ["partial_chunks", "edges", "two_head_tiles"])
-def test_gpu_kernel_matches_oracle(case):
-    """The compiled kernel on the GPU, same cases and bound as the emulation tests (the bound already has the
-    2^-9 max|K| term of the bf16 P)."""
+def _gpu_case(case, knobs):
+    """One GPU oracle case through ``sparse_attention_launch`` with ``knobs``; raises AssertionError on a mismatch."""
     if case == "partial_chunks":
         q, kv, idx, sink = make(5, 64, 128, 300, 150, seed=1)
         idx[1, 40:] = -1
         idx[2, 129:] = -1
         idx[3, :] = 7
     elif case == "edges":
-        q, kv, idx, sink = make(4, 64, 64, 40, 70, seed=2)
+        q, kv, idx, sink = make(4, 64, 128, 40, 70, seed=2)
         sink[0], sink[1], sink[2] = float("-inf"), 80.0, -80.0
         idx[0] = -1
         idx[2, 5:] = -1
     else:
         q, kv, idx, sink = make(6, 96, 512, 200, 80, seed=3)
-    o = TLSA.sparse_attention_with_sink(q.cuda(), kv.cuda(), idx.cuda(), sink.cuda(), SCALE).cpu()
+    o = TLSA.sparse_attention_launch(q.cuda(), kv.cuda(), idx.cuda(), sink.cuda(), SCALE, **knobs).cpu()
     o64 = oracle64(q, kv, idx, sink, SCALE)
-    assert_within(o, o64, bound(o64, kv), case)
+    assert_within(o, o64, bound(o64, kv), f"{case} {knobs}")
     if case == "edges":
         assert bool((o[0] == 0).all())
+
+
+_GPU_KNOBS = {"v1": dict(design="v1"), "ws": dict(design="ws"), "ws-n32s4-notrim": dict(design="ws", block_n=32,
+                                                                                          stages=4, trim=False)}
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU and tilelang")
+@pytest.mark.parametrize("case", ["partial_chunks", "edges", "two_head_tiles"])
+@pytest.mark.parametrize("design", list(_GPU_KNOBS))
+def test_gpu_kernel_matches_oracle(case, design):
+    """The compiled kernel on the GPU, same cases and bound as the emulation tests (the bound already has the
+    2^-9 max|K| term of the bf16 P). The ws kernels run in a subprocess with a time limit: a barrier bug there
+    hangs, and must fail this test rather than the whole run."""
+    if design == "v1":
+        _gpu_case(case, _GPU_KNOBS[design])
+        return
+    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+            f"import test_sparse_attention_tilelang as t\nt._gpu_case({case!r}, {_GPU_KNOBS[design]!r})\n"
+            "print('GPU-CASE-OK')")
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{design} {case}: no result within 240 s (compile + run): a hung kernel?")
+    assert "GPU-CASE-OK" in res.stdout, res.stdout[-1500:] + res.stderr[-3000:]

@@ -32,6 +32,11 @@ what the Triton kernel's in-kernel scan does: the causal -1 tail of early tokens
 Precision: q, K bf16 into wgmma with fp32 accumulation, p rounded to bf16 before P @ K (relative error <= 2^-9 per
 weight), fp32 softmax statistics, one bf16 rounding of o. Same as the Triton kernel on the GPU.
 
+Designs (``design=``, opt-in through ``sparse_attention_launch``; ``sparse_attention_with_sink`` runs DEFAULT_DESIGN):
+"v1" is the kernel above; "ws" (``sparse_attention_ws.py``) is the FlashMLA-style warp-specialised kernel (a producer
+warpgroup gathering into a cp.async ring, consumer 0 computing S alone + the softmax, consumer 1 the other half of
+P @ K). Same operands, chunking, masking and precision; the bench times both (variant prefill-sweep-*-tilelang).
+
 TileLang is imported lazily (``compile_kernel``): ``import dsv4lab`` never needs it. Inputs are checked before any
 compile or launch. The kernel runs on CUDA only; CPU tests check an emulation of this algorithm and the sm_90a
 compile (tests/test_sparse_attention_tilelang.py).
@@ -53,6 +58,10 @@ STAGES = 2              # cp.async gather pipeline depth
 THREADS = 256           # 2 warpgroups: each owns half of S's columns and half of the output dims
 SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
 MAX_HEAD_DIM = 512
+DESIGNS = ("v1", "ws")
+# v1 stays the default until the H100 sweep (variant prefill-sweep-*-tilelang, field config) shows ws is faster
+DEFAULT_DESIGN = "v1"
+WS_BLOCK_N, WS_STAGES = 64, 2     # ws: 200 KiB of shared memory at d = 512 (the largest ring that fits)
 
 
 def smem_bytes(d: int, block_h: int = BLOCK_H, block_n: int = BLOCK_N, stages: int = STAGES) -> int:
@@ -141,11 +150,53 @@ def sparse_attention_func(n_heads: int, d: int, n_cand: int, scale: float, block
 
 @functools.lru_cache(maxsize=None)
 def sparse_attention_kernel(n_heads: int, d: int, n_cand: int, scale: float, arch: str = "sm_90a",
-                            block_n: int = BLOCK_N, stages: int = STAGES):
-    """``sparse_attention_func`` compiled for ``arch`` (cached per static shape and scale)."""
+                            block_n: int = BLOCK_N, stages: int = STAGES, design: str = "v1"):
+    """The ``design`` kernel compiled for ``arch`` (cached per static shape, scale and knobs; the ws kernel takes the
+    list length as a dynamic dimension, so ``n_cand`` does not enter its compile)."""
     from ._mhc_common import compile_kernel
 
+    if design == "ws":
+        return _compile_ws(n_heads, d, float(scale), arch, block_n, stages)
     return compile_kernel(sparse_attention_func(n_heads, d, n_cand, scale, block_n=block_n, stages=stages), arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_ws(n_heads: int, d: int, scale: float, arch: str, block_n: int, stages: int):
+    from ._mhc_common import compile_kernel
+    from .sparse_attention_ws import sparse_attention_ws_func
+
+    return compile_kernel(sparse_attention_ws_func(n_heads, d, scale, block_n=block_n, stages=stages), arch)
+
+
+def resolve_design(d: int, design: str | None = None, block_n: int | None = None, stages: int | None = None,
+                   trim: bool = True) -> dict:
+    """The knobs a launch runs with (None = the design's default), checked: ValueError / TypeError name the knob."""
+    design = DEFAULT_DESIGN if design is None else design
+    if design not in DESIGNS:
+        raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
+    ws = design == "ws"
+    block_n = (WS_BLOCK_N if ws else BLOCK_N) if block_n is None else block_n
+    stages = (WS_STAGES if ws else STAGES) if stages is None else stages
+    for k, v in (("block_n", block_n), ("stages", stages)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{k}: expected a positive int, got {v!r}")
+    if block_n % 16:
+        raise ValueError(f"block_n: expected a multiple of 16 (wgmma N / K step), got {block_n}")
+    if not isinstance(trim, bool):
+        raise TypeError(f"trim: expected a bool, got {type(trim).__name__}")
+    if ws and d % 128:
+        raise ValueError(f"q: the ws design needs a head dim that is a multiple of 128 (two d/2 halves), got {d}")
+    need = ws_smem_bytes(d, block_n, stages) if ws else smem_bytes(d, block_n=block_n, stages=stages)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"stages: {design} with block_n={block_n}, stages={stages} needs {need} B of shared memory "
+                         f"at d={d}, over the {SMEM_LIMIT} B limit")
+    return {"design": design, "block_n": block_n, "stages": stages, "trim": trim}
+
+
+def ws_smem_bytes(d: int, block_n: int, stages: int) -> int:
+    from .sparse_attention_ws import smem_bytes as ws_bytes
+
+    return ws_bytes(d, block_n, stages)
 
 
 def chunks_per_token(idx: torch.Tensor, n_rows: int, block_n: int = BLOCK_N) -> torch.Tensor:
@@ -187,10 +238,24 @@ def sparse_attention_with_sink(q: torch.Tensor, kv: torch.Tensor, idx: torch.Ten
     return launch(q, kv, idx, sink, scale)
 
 
-def launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
+                            *, design: str | None = None, block_n: int | None = None, stages: int | None = None,
+                            trim: bool = True) -> torch.Tensor:
+    """``sparse_attention_with_sink`` with explicit knobs (``resolve_design``): ``design`` "v1" | "ws", ``block_n``
+    index entries per chunk, ``stages`` K tiles in flight, ``trim`` (walk each list only up to its last valid entry;
+    False walks every chunk of every list)."""
+    _check_args(q, kv, idx, sink, scale)
+    knobs = resolve_design(q.shape[-1], design, block_n, stages, trim)
+    return launch(q, kv, idx, sink, scale, **knobs)
+
+
+def launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float, *,
+           design: str | None = None, block_n: int | None = None, stages: int | None = None,
+           trim: bool = True) -> torch.Tensor:
     """The launch after ``_check_args``: empty cases, operand layout (int32 idx, fp32 sink, contiguous), per-token
     chunk counts, then the compiled kernel ``(Q, KV, Idx, Sink, Chunks, O)``. Split out so CPU tests can run it
     with the kernel replaced by an emulation."""
+    knobs = resolve_design(q.shape[-1], design, block_n, stages, trim)
     T_, H, d = q.shape
     N, M = kv.shape[0], idx.shape[1]
     out = torch.empty(T_, H, d, dtype=torch.bfloat16, device=q.device)
@@ -201,7 +266,12 @@ def launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Ten
     q = q.contiguous()
     kv = kv.contiguous()
     idx = idx.to(torch.int32).contiguous()
-    chunks = chunks_per_token(idx, N)
-    kernel = sparse_attention_kernel(H, d, M, float(scale))
+    bn = knobs["block_n"]
+    if knobs["trim"]:
+        chunks = chunks_per_token(idx, N, bn)
+    else:
+        chunks = torch.full((T_,), -(-M // bn), dtype=torch.int32, device=idx.device)
+    kernel = sparse_attention_kernel(H, d, M, float(scale), block_n=bn, stages=knobs["stages"],
+                                     design=knobs["design"])
     kernel(q, kv, idx, sink.float().contiguous(), chunks, out)
     return out

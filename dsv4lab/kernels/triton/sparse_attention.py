@@ -12,9 +12,9 @@ list in chunks of BLOCK_N entries: gather the K rows [BLOCK_N, d] (async copies;
 depends on block_n x num_stages, see ``CONFIGS``), scores = q_tile [BLOCK_H, d] @ K^T on the tensor cores, online softmax (running max
 starts at the sink logit, so it is never -inf while the sink is finite), acc += p @ K (the same K tile: V = K). The
 sink enters the normaliser at the end: ``o = acc / (l + exp(sink - m))``. Work is in the log2 domain (exp2 of logits
-pre-multiplied by log2 e). With ``trim`` (the prefill default) each program first scans its index entries (4 B each,
-vs 2 d B per K row) for the last valid one and stops there, so the causal -1 padding of early tokens' compressed
-lists costs no gathers or MMAs.
+pre-multiplied by log2 e). With ``trim`` (opt-in: ``TRIM_DEFAULT`` is off in both regimes, from the H100 sweeps) each
+program first scans its index entries (4 B each, vs 2 d B per K row) for the last valid one and stops there, so the
+causal -1 padding of early tokens' compressed lists costs no gathers or MMAs.
 
 Decode (few tokens) cuts each index list into ``num_splits`` pieces of whole chunks (flash-decoding): the count comes
 from a wave model (``choose_splits``: 1 program per SM, pieces of >= 64 entries), each piece writes its unnormalised
@@ -71,6 +71,8 @@ CONFIGS: dict[str, dict] = {
 # H100 sweeps (data/results/h100/attention_kernels.jsonl): h64n64w8s2 fastest at prefill T=8192 (CSA 3034 us vs
 # 4030 us for h64n32w8s5) and at decode batch 64/256
 DEFAULTS = {"prefill": "h64n64w8s2", "decode": "h64n64w8s2"}
+# Prefill trim off: H100 T=8192 h64n64w8s2 notrim 2459 us vs trim 2820 us (CSA), 1060 vs 1190 us (HCA), session 3
+TRIM_DEFAULT = {"prefill": False, "decode": False}    # decode lists are full: the scan cost 9 % at CSA batch 256
 
 
 @triton.jit
@@ -243,9 +245,7 @@ def resolve_config(T: int, H: int, M: int, d: int, sms: int = _H100_SMS, *, bloc
     if trim is not None and not isinstance(trim, bool):
         raise TypeError(f"trim: expected a bool, got {type(trim).__name__}")
     regime = "decode" if T <= _DECODE_MAX_TOKENS else "prefill"
-    # trimming the trailing -1 run pays in prefill (causal padding of early tokens' compressed lists); decode lists
-    # are full, and the extra index scan cost 9 % at CSA batch 256 on the H100
-    cfg = dict(CONFIGS[DEFAULTS[regime]], trim=regime == "prefill")
+    cfg = dict(CONFIGS[DEFAULTS[regime]], trim=TRIM_DEFAULT[regime])
     cfg["block_h"] = min(cfg["block_h"], max(16, triton.next_power_of_2(H)))
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
                  ("trim", trim)):
