@@ -778,8 +778,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f"tiles-r{r}-hd{hd}" if design == "tiles" else f"sweep-r{r}-hd{hd}")
                         rr = t.to_record(cost=cost, peaks=peaks, experiment=EXPERIMENT, op="compressor",
                                          backend="triton", variant=variant, preset="flash", tokens=T, dtype="float32")
+                        programs = (-(-n // res["entries"]) * res["groups"] if design == "tiles"
+                                    else n * (hd // res["block_c"]))                  # CTAs of the launch
                         rr.update(config=json.dumps(cfg, sort_keys=True), resolved=json.dumps(res, sort_keys=True),
-                                  design=design, is_default=is_default, hd=hd, ratio=r, actual_bytes=actual,
+                                  design=design, is_default=is_default, programs=programs, hd=hd, ratio=r, actual_bytes=actual,
                                   gbps_actual=actual / (t.p50 * 1e-6) / 1e9, graph_p50_us=tg.p50,
                                   graph_p20_us=tg.p20, graph_p80_us=tg.p80,
                                   graph_gbps_actual=actual / (tg.p50 * 1e-6) / 1e9,
@@ -823,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{best_gr['graph_p50_us']:6.1f} us ({best_gr.get('graph_pct_bw_actual', float('nan')):.0f}%)")
                     for q in rows_out:
                         q.pop("_readflush_us", None)
-                        comp_table.append(f"    r={r:3d} hd={hd:3d} T={T:5d} {q['resolved']:62s} eager {q['value']:7.1f} "
+                        comp_table.append(f"    r={r:3d} hd={hd:3d} T={T:5d} {q['resolved']:62s} {q['programs']:5d} CTAs "
+                                          f"eager {q['value']:7.1f} "
                                           f"graph {q['graph_p50_us']:7.1f} us ({q.get('graph_pct_bw_actual', float('nan')):3.0f}%)"
                                           f" max|d ref| {q['max_abs_vs_reference']:.3g} neq {q['frac_neq_reference']:.4f}")
                 del A, S, ref
