@@ -781,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                         programs = (-(-n // res["entries"]) * res["groups"] if design == "tiles"
                                     else n * (hd // res["block_c"]))                  # CTAs of the launch
                         rr.update(config=json.dumps(cfg, sort_keys=True), resolved=json.dumps(res, sort_keys=True),
-                                  design=design, is_default=is_default, programs=programs, hd=hd, ratio=r, actual_bytes=actual,
+                                  design=design, is_default=is_default, programs=programs, hd=hd, ratio=r,
+                                  actual_bytes=actual,
                                   gbps_actual=actual / (t.p50 * 1e-6) / 1e9, graph_p50_us=tg.p50,
                                   graph_p20_us=tg.p20, graph_p80_us=tg.p80,
                                   graph_gbps_actual=actual / (tg.p50 * 1e-6) / 1e9,
