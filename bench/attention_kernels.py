@@ -273,30 +273,33 @@ TL_VARIANTS = [
     ("tilelang-ws-n64s2", dict(design="ws", block_n=64, stages=2)),
     ("tilelang-ws-n64s2-notrim", dict(design="ws", block_n=64, stages=2, trim=False)),
     ("tilelang-ws-n32s4", dict(design="ws", block_n=32, stages=4)),
+    ("tilelang-wsp-n64s2", dict(design="wsp", block_n=64, stages=2)),
 ]
 _TL_CHILD = r"""
 import sys, torch
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {bench!r}]
+from attention_kernels import attention_inputs
 from dsv4lab.kernels.tilelang import sparse_attention as TLSA
 knobs = {knobs!r}
-for M in {ms!r}:
+k = TLSA.resolve_design({d}, **knobs)
+for kind in {kinds!r}:
+    # the main process's exact inputs: a kernel that hangs or faults on them does it here, under a time limit
+    q, kv, idx, sink, r = attention_inputs({t}, kind, "cuda", seed=1)
+    M = idx.shape[1]
     print("TL-START", M, flush=True)
-    k = TLSA.resolve_design({d}, **knobs)
     TLSA.sparse_attention_kernel({h}, {d}, M, {scale!r}, block_n=k["block_n"], stages=k["stages"],
                                  design=k["design"])        # compile (fills TileLang's disk cache)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(64, {h}, {d}, device="cuda", generator=g).to(torch.bfloat16)
-    kv = torch.randn(4096, {d}, device="cuda", generator=g).to(torch.bfloat16)
-    idx = torch.randint(-1, 4096, (64, M), device="cuda", generator=g, dtype=torch.int32)
-    o = TLSA.sparse_attention_launch(q, kv, idx, torch.randn({h}, device="cuda", generator=g), {scale!r}, **knobs)
+    o = TLSA.sparse_attention_launch(q, kv, idx, sink, {scale!r}, **knobs)
     torch.cuda.synchronize()
     print("TL-OK", M, bool(torch.isfinite(o.float()).all()), flush=True)
+    del q, kv, idx, o
 """
 
 
 def _tl_compile_all(kinds_m: dict, timeout: float) -> dict:
-    """Compile + smoke every TL_VARIANTS kernel for the list lengths in ``kinds_m``, one subprocess per distinct
-    kernel, all at once (a crash or hang there cannot touch this process). Returns {name: (ok lengths, log tail)}."""
+    """Compile + run every TL_VARIANTS kernel once on the sweep's own inputs ({kind: list length} ``kinds_m``), one
+    subprocess per distinct kernel, all at once (a crash or hang there cannot touch this process; the main process
+    only runs what finished there). Returns {name: (ok lengths, log tail)}."""
     from dsv4lab.kernels.tilelang import sparse_attention as TLSA
 
     def kernel_key(knobs):      # variants that differ only in the launcher's trim share one compiled kernel
@@ -307,8 +310,8 @@ def _tl_compile_all(kinds_m: dict, timeout: float) -> dict:
     for name, knobs in TL_VARIANTS:
         if kernel_key(knobs) in procs:
             continue
-        code = _TL_CHILD.format(repo=str(REPO), ms=sorted(set(kinds_m.values())), h=H, d=D_HEAD, scale=D_HEAD ** -0.5,
-                                knobs=knobs)
+        code = _TL_CHILD.format(repo=str(REPO), bench=str(REPO / "bench"), kinds=sorted(kinds_m), t=TL_PREFILL_T,
+                                h=H, d=D_HEAD, scale=D_HEAD ** -0.5, knobs=knobs)
         procs[kernel_key(knobs)] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                                     stderr=subprocess.PIPE, text=True)
     t_end = time.perf_counter() + timeout
@@ -388,8 +391,12 @@ def tilelang_prefill_cases(dev, dry, left, rec, error, skip, time_attn, summary,
                 kern = TLSA.sparse_attention_kernel(H, D_HEAD, idx.shape[1], float(scale), block_n=k["block_n"],
                                                     stages=k["stages"], design=k["design"])
                 o_buf = torch.empty_like(q)
-                t_k = time_attn(T, kind, variant + "-kernel-only", lambda: kern(q, kv, idx, sink, chunks, o_buf), cost,
-                                cost.bytes, backend="tilelang", **fields)[0]
+                kargs = (q, kv, idx, sink, chunks, o_buf)
+                if k["design"] == "wsp":        # the persistent kernel's CTA count operand
+                    kargs += (torch.empty(TLSA.persistent_ctas(T * -(-H // TLSA.BLOCK_H), q.device),
+                                          dtype=torch.int32, device=dev),)
+                t_k = time_attn(T, kind, variant + "-kernel-only", lambda: kern(*kargs), cost, cost.bytes,
+                                backend="tilelang", **fields)[0]
                 t, rr = time_attn(T, kind, variant, functools.partial(TLSA.sparse_attention_launch, q, kv, idx, sink,
                                                                       scale, **knobs),
                                   cost, cost.bytes, backend="tilelang", max_abs_vs_triton=vs_tri,

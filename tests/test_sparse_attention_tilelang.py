@@ -50,8 +50,10 @@ def emulated_kernel(n_heads, d, n_cand, scale, block_n=TLSA.BLOCK_N):
     kernel's algorithm step by step; it asserts the operand dtypes / shapes the prim_func declares."""
     log2e = TLSA.LOG2E
 
-    def run(Q, KV, Idx, Sink, Chunks, O):
+    def run(Q, KV, Idx, Sink, Chunks, O, *grid):
         T = Q.shape[0]
+        # wsp: a trailing int32 [G] operand whose length is the CTA count (the work is the same)
+        assert len(grid) == 0 or (grid[0].dtype == torch.int32 and 1 <= grid[0].numel() <= T * -(-n_heads // 64))
         assert Q.dtype == KV.dtype == O.dtype == torch.bfloat16 and Q.shape == O.shape == (T, n_heads, d)
         assert Idx.dtype == Chunks.dtype == torch.int32 and Idx.shape == (T, n_cand) and Chunks.shape == (T,)
         assert Sink.dtype == torch.float32 and Sink.shape == (n_heads,) and KV.shape[1] == d
@@ -153,9 +155,9 @@ def test_pro_heads_two_head_tiles_and_csa_like_lists():
 
 @pytest.mark.usefixtures("emulated")
 @pytest.mark.parametrize("knobs", [dict(design="ws"), dict(design="ws", block_n=32, stages=4),
-                                   dict(design="ws", trim=False), dict(design="v1", trim=False),
+                                   dict(design="ws", trim=False), dict(design="wsp"), dict(design="v1", trim=False),
                                    dict(design="v1", block_n=16, stages=3)],
-                         ids=["ws", "ws-n32s4", "ws-notrim", "v1-notrim", "v1-n16s3"])
+                         ids=["ws", "ws-n32s4", "ws-notrim", "wsp", "v1-notrim", "v1-n16s3"])
 def test_launch_knobs_match_oracle(knobs):
     """Every knob set the bench sweeps runs the launcher to the same attention: chunk size, untrimmed lists (chunks
     made only of -1 / past-the-end entries contribute nothing), CSA-like lists with -1 tails, d = 128 (the ws
@@ -182,8 +184,9 @@ def test_resolve_design_rejects_bad_knobs(knobs, exc, match):
 
 
 def test_ws_needs_head_dim_multiple_of_128():
-    with pytest.raises(ValueError, match="q: the ws design"):
-        TLSA.resolve_design(192, design="ws")
+    for design in ("ws", "wsp"):
+        with pytest.raises(ValueError, match=f"q: the {design} design"):
+            TLSA.resolve_design(192, design=design)
     assert TLSA.resolve_design(512) == {"design": TLSA.DEFAULT_DESIGN, "block_n": TLSA.BLOCK_N,
                                         "stages": TLSA.STAGES, "trim": True}
     assert TLSA.resolve_design(512, design="ws")["block_n"] == TLSA.WS_BLOCK_N
@@ -301,20 +304,24 @@ def test_compiles_to_wgmma_and_zero_filling_cp_async(n_heads, n_cand):
 
 
 @needs_compiler
-@pytest.mark.parametrize("n_heads, block_n, stages", [(64, 64, 2), (128, 32, 4)])
-def test_ws_design_compiles_warp_specialised(n_heads, block_n, stages):
+@pytest.mark.parametrize("design, n_heads, block_n, stages", [("ws", 64, 64, 2), ("ws", 128, 32, 4),
+                                                              ("wsp", 64, 64, 2)])
+def test_ws_design_compiles_warp_specialised(design, n_heads, block_n, stages):
     from dsv4lab.kernels.tilelang import sparse_attention_ws as WS
 
-    kernel = TLSA.sparse_attention_kernel(n_heads, 512, 640, SCALE, ARCH, block_n=block_n, stages=stages, design="ws")
+    kernel = TLSA.sparse_attention_kernel(n_heads, 512, 640, SCALE, ARCH, block_n=block_n, stages=stages,
+                                          design=design)
     src = kernel.get_kernel_source()
     # consumer 0 computes S alone (N = block_n, K = 512 in two halves); each consumer's PV owns 256 output dims
     assert src.count(f"kBFloat16, tl::DataType::kFloat32, 64, {block_n}, 16") == 2
     assert src.count("kBFloat16, tl::DataType::kFloat32, 64, 256, 16") == 2
     # producer: predicated (zero-filling) cp.async gathers of both halves, mbarrier hand-offs, register split
-    assert src.count("cp_async_gs_conditional<16>") == 2
+    for half in ("k_l", "k_r"):
+        assert src.count(f"cp_async_gs_conditional<16>((&(((bfloat16_t*){half})") == 1
     assert "warpgroup_reg_alloc<240>" in src and "warpgroup_reg_alloc<168>" in src and "reg_dealloc<80>" in src
     assert ".wait(" in src and ".arrive()" in src
     assert src.count("__syncthreads()") == 1            # only after the barrier init: the roles never meet again
+    assert src.count("(O + ") == 2                      # each consumer stores its half of o (own fragment layout)
     smem = [int(v) for v in re.findall(r"v_int64\) = \(\(int64_t\)(\d{5,6})\)", kernel.get_host_source())]
     assert smem and max(smem) == WS.smem_bytes(512, block_n, stages) <= TLSA.SMEM_LIMIT
     usage = _ptxas_usage(src)
@@ -338,6 +345,10 @@ def _gpu_case(case, knobs):
         sink[0], sink[1], sink[2] = float("-inf"), 80.0, -80.0
         idx[0] = -1
         idx[2, 5:] = -1
+    elif case == "many_tokens":     # more work items than SMs: wsp CTAs walk several tokens of varying length
+        q, kv, idx, sink = make(300, 64, 128, 500, 150, seed=4)
+        for t in range(300):
+            idx[t, (7 * t) % 151:] = -1
     else:
         q, kv, idx, sink = make(6, 96, 512, 200, 80, seed=3)
     o = TLSA.sparse_attention_launch(q.cuda(), kv.cuda(), idx.cuda(), sink.cuda(), SCALE, **knobs).cpu()
@@ -347,12 +358,12 @@ def _gpu_case(case, knobs):
         assert bool((o[0] == 0).all())
 
 
-_GPU_KNOBS = {"v1": dict(design="v1"), "ws": dict(design="ws"), "ws-n32s4-notrim": dict(design="ws", block_n=32,
-                                                                                          stages=4, trim=False)}
+_GPU_KNOBS = {"v1": dict(design="v1"), "ws": dict(design="ws"),
+              "ws-n32s4-notrim": dict(design="ws", block_n=32, stages=4, trim=False), "wsp": dict(design="wsp")}
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU and tilelang")
-@pytest.mark.parametrize("case", ["partial_chunks", "edges", "two_head_tiles"])
+@pytest.mark.parametrize("case", ["partial_chunks", "edges", "two_head_tiles", "many_tokens"])
 @pytest.mark.parametrize("design", list(_GPU_KNOBS))
 def test_gpu_kernel_matches_oracle(case, design):
     """The compiled kernel on the GPU, same cases and bound as the emulation tests (the bound already has the

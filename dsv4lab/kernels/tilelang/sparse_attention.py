@@ -35,7 +35,9 @@ weight), fp32 softmax statistics, one bf16 rounding of o. Same as the Triton ker
 Designs (``design=``, opt-in through ``sparse_attention_launch``; ``sparse_attention_with_sink`` runs DEFAULT_DESIGN):
 "v1" is the kernel above; "ws" (``sparse_attention_ws.py``) is the FlashMLA-style warp-specialised kernel (a producer
 warpgroup gathering into a cp.async ring, consumer 0 computing S alone + the softmax, consumer 1 the other half of
-P @ K). Same operands, chunking, masking and precision; the bench times both (variant prefill-sweep-*-tilelang).
+P @ K); "wsp" is ws made persistent (one CTA per SM walking (token, head tile) items, the ring and barrier
+phases running on across items, so the next token's gathers overlap the current token's tail and epilogue). Same
+operands, chunking, masking and precision; the bench times all of them (variant prefill-sweep-*-tilelang).
 
 TileLang is imported lazily (``compile_kernel``): ``import dsv4lab`` never needs it. Inputs are checked before any
 compile or launch. The kernel runs on CUDA only; CPU tests check an emulation of this algorithm and the sm_90a
@@ -58,10 +60,10 @@ STAGES = 2              # cp.async gather pipeline depth
 THREADS = 256           # 2 warpgroups: each owns half of S's columns and half of the output dims
 SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
 MAX_HEAD_DIM = 512
-DESIGNS = ("v1", "ws")
+DESIGNS = ("v1", "ws", "wsp")
 # v1 stays the default until the H100 sweep (variant prefill-sweep-*-tilelang, field config) shows ws is faster
 DEFAULT_DESIGN = "v1"
-WS_BLOCK_N, WS_STAGES = 64, 2     # ws: 200 KiB of shared memory at d = 512 (the largest ring that fits)
+WS_BLOCK_N, WS_STAGES = 64, 2     # ws / wsp: 200 KiB of shared memory at d = 512 (the largest ring that fits)
 
 
 def smem_bytes(d: int, block_h: int = BLOCK_H, block_n: int = BLOCK_N, stages: int = STAGES) -> int:
@@ -155,17 +157,18 @@ def sparse_attention_kernel(n_heads: int, d: int, n_cand: int, scale: float, arc
     list length as a dynamic dimension, so ``n_cand`` does not enter its compile)."""
     from ._mhc_common import compile_kernel
 
-    if design == "ws":
-        return _compile_ws(n_heads, d, float(scale), arch, block_n, stages)
+    if design in ("ws", "wsp"):
+        return _compile_ws(n_heads, d, float(scale), arch, block_n, stages, design == "wsp")
     return compile_kernel(sparse_attention_func(n_heads, d, n_cand, scale, block_n=block_n, stages=stages), arch)
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_ws(n_heads: int, d: int, scale: float, arch: str, block_n: int, stages: int):
+def _compile_ws(n_heads: int, d: int, scale: float, arch: str, block_n: int, stages: int, persistent: bool):
     from ._mhc_common import compile_kernel
-    from .sparse_attention_ws import sparse_attention_ws_func
+    from .sparse_attention_ws import sparse_attention_ws_func, sparse_attention_wsp_func
 
-    return compile_kernel(sparse_attention_ws_func(n_heads, d, scale, block_n=block_n, stages=stages), arch)
+    build = sparse_attention_wsp_func if persistent else sparse_attention_ws_func
+    return compile_kernel(build(n_heads, d, scale, block_n=block_n, stages=stages), arch)
 
 
 def resolve_design(d: int, design: str | None = None, block_n: int | None = None, stages: int | None = None,
@@ -174,7 +177,7 @@ def resolve_design(d: int, design: str | None = None, block_n: int | None = None
     design = DEFAULT_DESIGN if design is None else design
     if design not in DESIGNS:
         raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
-    ws = design == "ws"
+    ws = design in ("ws", "wsp")
     block_n = (WS_BLOCK_N if ws else BLOCK_N) if block_n is None else block_n
     stages = (WS_STAGES if ws else STAGES) if stages is None else stages
     for k, v in (("block_n", block_n), ("stages", stages)):
@@ -185,7 +188,7 @@ def resolve_design(d: int, design: str | None = None, block_n: int | None = None
     if not isinstance(trim, bool):
         raise TypeError(f"trim: expected a bool, got {type(trim).__name__}")
     if ws and d % 128:
-        raise ValueError(f"q: the ws design needs a head dim that is a multiple of 128 (two d/2 halves), got {d}")
+        raise ValueError(f"q: the {design} design needs a head dim that is a multiple of 128 (two d/2 halves), got {d}")
     need = ws_smem_bytes(d, block_n, stages) if ws else smem_bytes(d, block_n=block_n, stages=stages)
     if need > SMEM_LIMIT:
         raise ValueError(f"stages: {design} with block_n={block_n}, stages={stages} needs {need} B of shared memory "
@@ -241,7 +244,7 @@ def sparse_attention_with_sink(q: torch.Tensor, kv: torch.Tensor, idx: torch.Ten
 def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
                             *, design: str | None = None, block_n: int | None = None, stages: int | None = None,
                             trim: bool = True) -> torch.Tensor:
-    """``sparse_attention_with_sink`` with explicit knobs (``resolve_design``): ``design`` "v1" | "ws", ``block_n``
+    """``sparse_attention_with_sink`` with explicit knobs (``resolve_design``): ``design`` "v1" | "ws" | "wsp", ``block_n``
     index entries per chunk, ``stages`` K tiles in flight, ``trim`` (walk each list only up to its last valid entry;
     False walks every chunk of every list)."""
     _check_args(q, kv, idx, sink, scale)
@@ -273,5 +276,18 @@ def launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Ten
         chunks = torch.full((T_,), -(-M // bn), dtype=torch.int32, device=idx.device)
     kernel = sparse_attention_kernel(H, d, M, float(scale), block_n=bn, stages=knobs["stages"],
                                      design=knobs["design"])
-    kernel(q, kv, idx, sink.float().contiguous(), chunks, out)
+    args = (q, kv, idx, sink.float().contiguous(), chunks, out)
+    if knobs["design"] == "wsp":        # persistent: the length of the last operand is the CTA count
+        args += (torch.empty(persistent_ctas(T_ * -(-H // BLOCK_H), q.device), dtype=torch.int32, device=q.device),)
+    kernel(*args)
     return out
+
+
+def persistent_ctas(work_items: int, device: torch.device) -> int:
+    """CTAs of the wsp design: one per SM (1 CTA fits per SM), at most one per work item."""
+    sms = 132
+    if device.type == "cuda":
+        from ._mhc_common import sm_count
+
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(work_items, sms))

@@ -83,7 +83,10 @@ def sparse_attention_ws_func(n_heads: int, d: int, scale: float, block_n: int = 
             alpha_s = T.alloc_shared((block_h,), f32)
             den_s = T.alloc_shared((block_h,), f32)
 
-            acc = T.alloc_fragment((block_h, dh), f32)
+            acc = T.alloc_fragment((block_h, dh), f32)      # consumer 0: O[:, :d/2]
+            # consumer 1's own fragment: TileLang lays a fragment out for the threads that use it, so one shared name
+            # would leave consumer 1's loops over it empty (its threads own no element of a consumer-0 layout)
+            acc_r = T.alloc_fragment((block_h, dh), f32)
             s = T.alloc_fragment((block_h, block_n), f32)
             sink_l = T.alloc_fragment((block_h,), f32)
             m = T.alloc_fragment((block_h,), f32)
@@ -157,18 +160,18 @@ def sparse_attention_ws_func(n_heads: int, d: int, scale: float, block_n: int = 
 
             elif tx < 256:
                 T.set_max_nreg(REGS[1], 1)
-                T.fill(acc, 0.0)
+                T.fill(acc_r, 0.0)
                 for c in T.serial(n_chunks):
                     T.barrier_wait(p_ready, c % 2)
                     for h, j in T.Parallel(block_h, dh):
-                        acc[h, j] *= alpha_s[h]
-                    T.gemm(p_s, k_r[c % stages, :, :], acc)
+                        acc_r[h, j] *= alpha_s[h]
+                    T.gemm(p_s, k_r[c % stages, :, :], acc_r)
                     T.barrier_arrive(k_free[c % stages])
                     T.barrier_arrive(p_free)
                 T.barrier_wait(den_ready, 0)
                 for h, j in T.Parallel(block_h, dh):
                     if h0 + h < n_heads:
-                        O[tok, h0 + h, dh + j] = T.cast(acc[h, j] / den_s[h], bf16)
+                        O[tok, h0 + h, dh + j] = T.cast(acc_r[h, j] / den_s[h], bf16)
 
             else:
                 T.set_max_nreg(REGS[2], 0)
@@ -184,5 +187,162 @@ def sparse_attention_ws_func(n_heads: int, d: int, scale: float, block_n: int = 
                         k_r[c % stages, u, j] = KV[r_, dh + j]
                     T.fence_proxy_async()
                     T.barrier_arrive(k_ready[c % stages])
+
+    return kernel
+
+
+def sparse_attention_wsp_func(n_heads: int, d: int, scale: float, block_n: int = 64, stages: int = 2):
+    """Design "wsp": the ws kernel made persistent. Same operands plus ``Grid [G] int32`` (only its length is used:
+    G CTAs, one per SM), CTA ``bid`` walking the work items (token, head tile) bid, bid + G, ... The ring, P and
+    every barrier phase run on across a CTA's items (phase = the role's running chunk count), so the producer gathers
+    the next token's first chunks while the consumers finish the current one (last PV, epilogue stores, the next Q
+    load) instead of each CTA starting cold. ``den_free``: consumer 0 does not overwrite the denominators before
+    consumer 1 has read them."""
+    import tilelang.language as T
+
+    if d % 128 or block_n % 16 or stages < 1:
+        raise ValueError(f"wsp design: needs d % 128 == 0 and block_n % 16 == 0, got d={d}, block_n={block_n}")
+    num_tokens = T.dynamic("num_tokens")
+    n_rows = T.dynamic("n_rows")
+    n_cand = T.dynamic("n_cand")
+    n_ctas = T.dynamic("n_ctas")
+    block_h = BLOCK_H
+    head_tiles = -(-n_heads // block_h)
+    dh = d // 2
+    scale_log2e = float(scale) * LOG2E
+    neg_inf = -float("inf")
+    bf16, f32, i32 = "bfloat16", "float32", "int32"
+
+    @T.prim_func
+    def kernel(Q: T.Tensor((num_tokens, n_heads, d), bf16), KV: T.Tensor((n_rows, d), bf16),
+               Idx: T.Tensor((num_tokens, n_cand), i32), Sink: T.Tensor((n_heads,), f32),
+               Chunks: T.Tensor((num_tokens,), i32), O: T.Tensor((num_tokens, n_heads, d), bf16),
+               Grid: T.Tensor((n_ctas,), i32)):
+        with T.Kernel(n_ctas, threads=THREADS) as bid:
+            q_l = T.alloc_shared((block_h, dh), bf16)
+            q_r = T.alloc_shared((block_h, dh), bf16)
+            k_l = T.alloc_shared((stages, block_n, dh), bf16)
+            k_r = T.alloc_shared((stages, block_n, dh), bf16)
+            p_s = T.alloc_shared((block_h, block_n), bf16)
+            alpha_s = T.alloc_shared((block_h,), f32)
+            den_s = T.alloc_shared((block_h,), f32)
+
+            acc = T.alloc_fragment((block_h, dh), f32)      # consumer 0: O[:, :d/2]
+            # consumer 1's own fragment: TileLang lays a fragment out for the threads that use it, so one shared name
+            # would leave consumer 1's loops over it empty (its threads own no element of a consumer-0 layout)
+            acc_r = T.alloc_fragment((block_h, dh), f32)
+            s = T.alloc_fragment((block_h, block_n), f32)
+            sink_l = T.alloc_fragment((block_h,), f32)
+            m = T.alloc_fragment((block_h,), f32)
+            m_prev = T.alloc_fragment((block_h,), f32)
+            m_safe = T.alloc_fragment((block_h,), f32)
+            alpha = T.alloc_fragment((block_h,), f32)
+            l = T.alloc_fragment((block_h,), f32)
+            row_sum = T.alloc_fragment((block_h,), f32)
+            done = T.alloc_var(i32, init=0)             # chunks this thread's role finished in earlier items
+
+            k_ready = T.alloc_barrier([128] * stages)
+            k_free = T.alloc_barrier([256] * stages)
+            p_ready = T.alloc_barrier(128)
+            p_free = T.alloc_barrier(128)
+            den_ready = T.alloc_barrier(128)
+            den_free = T.alloc_barrier(128)
+
+            n_items = T.ceildiv(num_tokens * head_tiles - bid, n_ctas)
+            tx = T.get_thread_binding()
+
+            if tx < 128:
+                T.set_max_nreg(REGS[0], 1)
+                for it in T.serial(n_items):
+                    tok = (bid + it * n_ctas) // head_tiles
+                    h0 = (bid + it * n_ctas) % head_tiles * block_h
+                    for h in T.Parallel(block_h):
+                        sink_l[h] = T.if_then_else(h0 + h < n_heads, Sink[T.min(h0 + h, n_heads - 1)] * LOG2E,
+                                                   neg_inf)
+                        m[h] = sink_l[h]
+                        l[h] = 0.0
+                    T.fill(acc, 0.0)
+                    # the previous item's last S GEMM has completed (synchronous), so Q can be overwritten
+                    for h, j in T.Parallel(block_h, dh, prefer_async=True):
+                        q_l[h, j] = Q[tok, T.min(h0 + h, n_heads - 1), j]
+                        q_r[h, j] = Q[tok, T.min(h0 + h, n_heads - 1), dh + j]
+                    T.fence_proxy_async()
+                    for c in T.serial(Chunks[tok]):
+                        g = done + c                                   # running chunk index: slot and phases
+                        T.barrier_wait(k_ready[g % stages], (g // stages) % 2)
+                        T.gemm(q_l, k_l[g % stages, :, :], s, transpose_B=True, clear_accum=True,
+                               annotations={"wg_wait": -1})
+                        T.gemm(q_r, k_r[g % stages, :, :], s, transpose_B=True)
+                        for h, u in T.Parallel(block_h, block_n):
+                            pos = c * block_n + u
+                            r_ = T.if_then_else(pos < n_cand, Idx[tok, T.min(pos, n_cand - 1)], -1)
+                            s[h, u] = T.if_then_else((r_ >= 0) & (r_ < n_rows), s[h, u] * scale_log2e, neg_inf)
+                        T.copy(m, m_prev)
+                        T.reduce_max(s, m, dim=1, clear=False)
+                        for h in T.Parallel(block_h):
+                            m_safe[h] = T.if_then_else(m[h] == neg_inf, 0.0, m[h])
+                            alpha[h] = T.exp2(m_prev[h] - m_safe[h])
+                        for h, u in T.Parallel(block_h, block_n):
+                            s[h, u] = T.exp2(s[h, u] - m_safe[h])
+                        T.reduce_sum(s, row_sum, dim=1)
+                        for h in T.Parallel(block_h):
+                            l[h] = l[h] * alpha[h] + row_sum[h]
+                        T.barrier_wait(p_free, (g % 2) ^ 1)
+                        T.copy(s, p_s)
+                        T.copy(alpha, alpha_s)
+                        for h, j in T.Parallel(block_h, dh):
+                            acc[h, j] *= alpha[h]
+                        T.gemm(p_s, k_l[g % stages, :, :], acc)
+                        T.barrier_arrive(p_ready)
+                        T.barrier_arrive(k_free[g % stages])
+                    done = done + Chunks[tok]
+                    for h in T.Parallel(block_h):
+                        m_safe[h] = T.if_then_else(m[h] == neg_inf, 0.0, m[h])
+                        row_sum[h] = l[h] + T.exp2(sink_l[h] - m_safe[h])
+                        row_sum[h] = T.if_then_else(row_sum[h] > 0, row_sum[h], 1.0)
+                    T.barrier_wait(den_free, (it % 2) ^ 1)
+                    T.copy(row_sum, den_s)
+                    T.barrier_arrive(den_ready)
+                    for h, j in T.Parallel(block_h, dh):
+                        if h0 + h < n_heads:
+                            O[tok, h0 + h, j] = T.cast(acc[h, j] / row_sum[h], bf16)
+
+            elif tx < 256:
+                T.set_max_nreg(REGS[1], 1)
+                for it in T.serial(n_items):
+                    tok = (bid + it * n_ctas) // head_tiles
+                    h0 = (bid + it * n_ctas) % head_tiles * block_h
+                    T.fill(acc_r, 0.0)
+                    for c in T.serial(Chunks[tok]):
+                        g = done + c
+                        T.barrier_wait(p_ready, g % 2)
+                        for h, j in T.Parallel(block_h, dh):
+                            acc_r[h, j] *= alpha_s[h]
+                        T.gemm(p_s, k_r[g % stages, :, :], acc_r)
+                        T.barrier_arrive(k_free[g % stages])
+                        T.barrier_arrive(p_free)
+                    done = done + Chunks[tok]
+                    T.barrier_wait(den_ready, it % 2)
+                    for h, j in T.Parallel(block_h, dh):
+                        if h0 + h < n_heads:
+                            O[tok, h0 + h, dh + j] = T.cast(acc_r[h, j] / den_s[h], bf16)
+                    T.barrier_arrive(den_free)
+
+            else:
+                T.set_max_nreg(REGS[2], 0)
+                for it in T.serial(n_items):
+                    tok = (bid + it * n_ctas) // head_tiles
+                    for c in T.serial(Chunks[tok]):
+                        g = done + c
+                        T.barrier_wait(k_free[g % stages], ((g // stages) % 2) ^ 1)
+                        for u, j in T.Parallel(block_n, dh, prefer_async=True):
+                            pos = c * block_n + u
+                            r_ = T.if_then_else(pos < n_cand, Idx[tok, T.min(pos, n_cand - 1)], -1)
+                            r_ = T.if_then_else((r_ >= 0) & (r_ < n_rows), r_, n_rows)
+                            k_l[g % stages, u, j] = KV[r_, j]
+                            k_r[g % stages, u, j] = KV[r_, dh + j]
+                        T.fence_proxy_async()
+                        T.barrier_arrive(k_ready[g % stages])
+                    done = done + Chunks[tok]
 
     return kernel
