@@ -20,6 +20,9 @@ Order (each case recorded as it finishes; a failure becomes an "error" record an
    "tiles", eager and CUDA-graph, numerics of each vs the reference, a same-bytes copy and a read-flushed default
    as references; capped at COMP_SWEEP_S) and indexer Q (GB/s; target >= 70 % at T >= 4096); DeepGEMM logits +
    top-k; FlexAttention at T in {4096, 8192} (target: Triton faster).
+   TileLang sparse attention prefill at T=8192 (CSA, HCA), every TL_VARIANTS design (v1, warp-specialised ws and
+   its persistent form wsp; variant prefill-sweep-<kind>-tilelang, field config), numerics vs Triton and the oracle,
+   capped at TL_SWEEP_S.
 Peaks: data/results/<gpu>/peaks.jsonl if present, else measured here and written to <out>/peaks.jsonl.
 """
 from __future__ import annotations

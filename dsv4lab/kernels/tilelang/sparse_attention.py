@@ -244,9 +244,9 @@ def sparse_attention_with_sink(q: torch.Tensor, kv: torch.Tensor, idx: torch.Ten
 def sparse_attention_launch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
                             *, design: str | None = None, block_n: int | None = None, stages: int | None = None,
                             trim: bool = True) -> torch.Tensor:
-    """``sparse_attention_with_sink`` with explicit knobs (``resolve_design``): ``design`` "v1" | "ws" | "wsp", ``block_n``
-    index entries per chunk, ``stages`` K tiles in flight, ``trim`` (walk each list only up to its last valid entry;
-    False walks every chunk of every list)."""
+    """``sparse_attention_with_sink`` with explicit knobs (``resolve_design``): ``design`` "v1" | "ws" | "wsp",
+    ``block_n`` index entries per chunk, ``stages`` K tiles in flight, ``trim`` (walk each list only up to its last
+    valid entry; False walks every chunk of every list)."""
     _check_args(q, kv, idx, sink, scale)
     knobs = resolve_design(q.shape[-1], design, block_n, stages, trim)
     return launch(q, kv, idx, sink, scale, **knobs)
