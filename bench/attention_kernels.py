@@ -422,7 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds for the whole script (smoke <= 90 s of it)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--smoke-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ops", default=None,
+                    help="comma list of the ops to run (default: all of SMOKE_OPS); the others are skipped")
     args = ap.parse_args(argv)
+    if args.ops:
+        wanted = [o.strip() for o in args.ops.split(",") if o.strip()]
+        unknown = sorted(set(wanted) - set(SMOKE_OPS))
+        if unknown:
+            ap.error(f"--ops: unknown {unknown}; expected a subset of {SMOKE_OPS}")
+        SMOKE_OPS[:] = wanted
     t0 = time.perf_counter()
     dev = "cpu" if args.cpu_dry_run else "cuda"
     if dev == "cpu":
