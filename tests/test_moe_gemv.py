@@ -145,7 +145,9 @@ def test_stages_against_fp64_oracle_of_the_same_recipe(experts):
 def test_policy_switch_bad_ids_and_repeated_expert(experts):
     _, _, ex = experts
     x, w, ids = case(3)
-    assert gm.LAYOUT_POLICY["gemv_max_tokens"] == 0 and gm.layout_for(1) == "masked"     # off by default
+    # on by default up to T = 8 (the H100 records), off with gemv_max_tokens = 0
+    assert [gm.layout_for(n) for n in (0, 1, 8, 9)] == ["masked", "gemv", "gemv", "masked"]
+    assert gm.layout_for(1, dict(gm.LAYOUT_POLICY, gemv_max_tokens=0)) == "masked"
     policy = dict(gm.LAYOUT_POLICY, gemv_max_tokens=8)
     assert [gm.layout_for(n, policy) for n in (0, 1, 8, 9)] == ["masked", "gemv", "gemv", "masked"]
     y_pol = gm.experts_forward(x, w, ids, ex, swiglu_limit=L, policy=policy)
@@ -262,11 +264,12 @@ def test_config_contract(experts):
 
 def test_policy_x_quant_triton_gives_the_same_bits(experts):
     """LAYOUT_POLICY['x_quant'] = 'triton' (act_quant_fp8, one launch) instead of quant_fp8: same x codes and scales,
-    so the same output bits on the gemv and the contiguous (emulated GEMM) paths; the default stays 'torch'."""
+    so the same output bits on the gemv and the contiguous (emulated GEMM) paths; the default is 'triton'."""
     _, _, ex = experts
     x, w, ids = case(3)
-    assert gm.LAYOUT_POLICY["x_quant"] == "torch"
+    assert gm.LAYOUT_POLICY["x_quant"] == "triton"
     tri = dict(gm.LAYOUT_POLICY, x_quant="triton")
+    tor = dict(gm.LAYOUT_POLICY, x_quant="torch")
     for kw in (dict(layout="gemv"), dict(alignment=4, grouped_gemm=emulated_grouped_gemm)):
-        base = gm.experts_forward(x, w, ids, ex, swiglu_limit=L, **kw)
+        base = gm.experts_forward(x, w, ids, ex, swiglu_limit=L, policy=tor, **kw)
         assert torch.equal(gm.experts_forward(x, w, ids, ex, swiglu_limit=L, policy=tri, **kw), base)

@@ -150,9 +150,9 @@ def test_masked_pipeline_bitwise_equal_to_contiguous():
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(7)).bfloat16()
     weights, ids = routing(6, 4, K_TOP, seed=8)
     yc = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, alignment=4, grouped_gemm=emulated_grouped_gemm)
-    assert gm.layout_for(6) == "masked" and gm.layout_for(65) == "contiguous"
+    assert gm.layout_for(6) == "gemv" and gm.layout_for(9) == "masked" and gm.layout_for(65) == "contiguous"
     assert gm.layout_for(8192, dict(gm.LAYOUT_POLICY, masked_min_tokens=4096)) == "masked"
-    ym = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, masked_gemm=emulated_masked_gemm)
+    ym = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, layout="masked", masked_gemm=emulated_masked_gemm)
     assert torch.equal(yc, ym) and torch.isfinite(ym.float()).all()
     # the prefill form: M_max from the largest routed group, shared slice split into chunk groups
     ym2 = gm.experts_forward(x, weights, ids, ex, swiglu_limit=L, layout="masked", masked_gemm=emulated_masked_gemm,

@@ -29,7 +29,7 @@ sync (CUDA-graph capturable with ``validate_ids=False``); above ``static_m_max_t
 routed group (one sync) and the shared slices are split into ceil(T / M_max) groups whose B operand repeats the
 shared weights (``masked_experts``, cached). Both layouts compute every valid row with the same per-row math and use
 the same combine kernel, so they agree bitwise whenever DeepGEMM's two kernels do.
-GEMV path (``layout='gemv'``, or ``LAYOUT_POLICY['gemv_max_tokens']``, off by default): for tiny decode batches
+GEMV path (``layout='gemv'``, or ``LAYOUT_POLICY['gemv_max_tokens']``, T <= 8 by default): for tiny decode batches
 ``triton/moe_gemv.py`` reads only the touched experts' weights (DeepGEMM's masked kernel walks every group), same
 x quantisation, SwiGLU-quant and combine; GEMM sums in another order, so ulp-level differences, not bitwise.
 DeepGEMM is imported lazily (it cannot be imported on a CPU machine); ``grouped_gemm=`` and ``alignment=``
@@ -59,11 +59,13 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 #   static_m_max_tokens: up to this T the masked M_max is align(T, 128) (no host sync), above it the largest group's
 #   expected_m: DeepGEMM's block-size hint for the masked kernel; None = ceil(T * k / E) (the mean routed group)
 #   gemv_max_tokens: up to this T the Triton weight-streaming GEMV path (triton/moe_gemv.py) instead of any grouped
-#   layout; 0 = off until the H100 records (bench/pr44367_megamoe.py, variants gemv_fp8*) show it wins
+#   layout (0 = off). 8: on the H100 (commit 42be99d, Flash, graph replay) it beat the masked layout at T = 1 / 4 / 8
+#   (90 / 239 / 425 us vs 126 / 262 / 462 us for masked with the Triton x quantisation), bitwise equal to it
 #   gemv_config: triton/moe_gemv.GemvConfig of that path (None = its DEFAULT_CONFIG; variants gemv_cfg_* compare them)
-#   x_quant: step 1 by 'torch' (quant_fp8) or 'triton' (triton/act_quant_fp8.py: one launch, the same bits)
+#   x_quant: step 1 by 'torch' (quant_fp8) or 'triton' (triton/act_quant_fp8.py: one launch, the same bits; the H100
+#   stage timing at T=1: 5.6 us vs 30.0 us for quant_fp8's ~15 launches)
 LAYOUT_POLICY: dict = {"masked_max_tokens": 64, "masked_min_tokens": None, "static_m_max_tokens": 256,
-                       "expected_m": None, "gemv_max_tokens": 0, "gemv_config": None, "x_quant": "torch"}
+                       "expected_m": None, "gemv_max_tokens": 8, "gemv_config": None, "x_quant": "triton"}
 
 
 def _quant_x(x: torch.Tensor, policy: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
