@@ -121,9 +121,10 @@ def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 16, 64, 128, 256, 10
                 cost = exp.roofline_cost(op, T, D, exp.HC_MULT, args[0].dtype)
                 block, _, default_warps = mtp_norm.launch_config(D, T)
                 for v, t in times.items():
+                    base = "before_compiled" if v == "sweep:before_compiled" else "after"   # backend of the variant
+                    fields = {**exp._fields(op, base, preset, T, args[0].dtype, D, exp.HC_MULT), "variant": v}
                     recs.append(t.to_record(cost=cost, peaks=peaks, mode="graph", interleaved=sorted(cases),
-                                            tuning={"block": block, "default_num_warps": default_warps},
-                                            **exp._fields(op, v, preset, T, args[0].dtype, D, exp.HC_MULT)))
+                                            tuning={"block": block, "default_num_warps": default_warps}, **fields))
                 best = min(times, key=lambda k: times[k].p50)
                 print(f"warps sweep {op:24s} D={D} T={T:5d}: default {times['sweep:after'].p50:7.2f} us "
                       f"(warps {default_warps}), compiled {times['sweep:before_compiled'].p50:7.2f}, "
