@@ -87,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _forced(mtp_norm, warps, kernel, args):
-    with mtp_norm.forced_num_warps(warps):
+def _forced(mtp_norm, warps, hints, kernel, args):
+    with mtp_norm.forced_launch(num_warps=warps, stream_hints=hints):
         return kernel(*args, 1e-6)
 
 
 def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 16, 64, 128, 256, 1024, 4096, 16384)) -> list[dict]:
     """Graph replay (L2 flushed) of the Triton norms at each ``num_warps`` in ``settings`` (variant
-    ``sweep:after[warps=N]``), interleaved with the tuned default (``sweep:after``) and ``sweep:before_compiled`` in
+    ``sweep:after[warps=N]``) and with the L2 streaming hints (``sweep:after[stream_hints]``), interleaved with the
+    tuned default (``sweep:after``) and ``sweep:before_compiled`` in
     one ``bench_interleaved`` set per (D, op, T), so the launch policy in ``mtp_norm.TUNING`` is chosen from
     drift-free comparisons."""
     import functools
@@ -112,7 +113,8 @@ def warps_sweep(exp, peaks, settings: list[int], tokens=(1, 16, 64, 128, 256, 10
                 cases = {"sweep:after": functools.partial(kernels[op], *args, 1e-6),
                          "sweep:before_compiled": functools.partial(exp.variants(op)["before_compiled"], *args, 1e-6)}
                 for w in settings:
-                    cases[f"sweep:after[warps={w}]"] = functools.partial(_forced, mtp_norm, w, kernels[op], args)
+                    cases[f"sweep:after[warps={w}]"] = functools.partial(_forced, mtp_norm, w, None, kernels[op], args)
+                cases["sweep:after[stream_hints]"] = functools.partial(_forced, mtp_norm, None, True, kernels[op], args)
                 try:
                     times = timing.bench_interleaved(cases, rep=100 if T <= 1024 else 20, warmup=3)
                 except Exception as e:  # noqa: BLE001

@@ -255,12 +255,15 @@ def test_launch_policy_and_num_warps_override(device):
     assert small[2] == 16 and large[2] == 8 and mtp_norm.launch_config(4096)[2] == 8
     args = make_inputs(3, 2, 64, torch.float32, device, seed=9)
     e1, h1 = fused_mtp_input_rmsnorm(*args)
-    with mtp_norm.forced_num_warps(4):
+    with mtp_norm.forced_launch(num_warps=4, stream_hints=True):
         e2, h2 = fused_mtp_input_rmsnorm(*args)
-        assert mtp_norm._FORCED_WARPS[0] == 4
-    assert mtp_norm._FORCED_WARPS[0] is None
+        assert mtp_norm._FORCED == {"num_warps": 4, "stream_hints": True}
+    assert mtp_norm._FORCED == {"num_warps": None, "stream_hints": None}
     assert torch.equal(e1, e2) and torch.equal(h1, h2)
     for bad in (3, 0, 64, True, 4.0):
         with pytest.raises(ValueError, match="num_warps"):
-            with mtp_norm.forced_num_warps(bad):
+            with mtp_norm.forced_launch(num_warps=bad):
                 pass
+    with pytest.raises(TypeError, match="stream_hints"):
+        with mtp_norm.forced_launch(stream_hints=1):
+            pass

@@ -111,5 +111,5 @@ def test_num_warps_override_keeps_values(device):
     h = torch.randn(4, 96, device=device)
     w = 1 + 0.1 * torch.randn(96, device=device)
     plain = mtp_shared_head_rmsnorm(h, w)
-    with mtp_norm.forced_num_warps(2):
+    with mtp_norm.forced_launch(num_warps=2, stream_hints=True):
         assert torch.equal(plain, mtp_shared_head_rmsnorm(h, w))

@@ -46,7 +46,7 @@ def test_cached_launch_matches_triton_launch_bitwise(D):
     second = mtp_norm.mtp_shared_head_rmsnorm(h, w)       # the cached-binary path
     block, chunks, warps = mtp_norm.launch_config(D)
     plain = torch.empty_like(h)
-    mtp_norm._shared_head_rmsnorm_kernel[(5,)](h, w, plain, D, 1e-6, block, chunks, False, num_warps=warps)
+    mtp_norm._shared_head_rmsnorm_kernel[(5,)](h, w, plain, D, 1e-6, block, chunks, False, "", "", num_warps=warps)
     assert torch.equal(first, plain) and torch.equal(second, plain)
     ref = rmsnorm(h.double(), w.double(), 1e-6).to(torch.bfloat16)
     assert (second.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()

@@ -320,19 +320,22 @@ def timing_records(op: str, fn: Callable[..., Any], args: tuple, *, preset: str 
 def interleaved_timing_records(op: str, fns: dict[str, Callable[..., Any]], args: tuple, *, preset: str | None,
                                D: int, n: int, peaks: Any = None, rep: int = 30, warmup: int = 3,
                                eps: float = 1e-6) -> tuple[list[dict], tuple[str, ...]]:
-    """GPU ``graph`` and ``eager`` records (as in ``timing_records``) of all variants ``fns`` of one case, taken
-    with ``lab.timing.bench_interleaved``: the variants' samples alternate, so GPU clock drift between one variant's
+    """GPU ``graph`` records (as in ``timing_records``) of all variants ``fns`` of one case, taken with
+    ``lab.timing.bench_interleaved``: the variants' replays alternate, so GPU clock drift between one variant's
     timing and the next cannot decide a comparison between them (these kernels sit at a ~5 us floor where the
-    variants differ by tenths of a microsecond). Returns ``(records, modes still to time per variant)``: a mode
-    whose interleaved run failed (e.g. a capture error) falls back to per-variant timing there."""
+    variants differ by tenths of a microsecond). Returns ``(records, modes still to time per variant)``; graph mode
+    falls back to per-variant timing if the interleaved run fails (e.g. a capture error). The ``eager`` mode stays
+    per variant: interleaved with before_eager's 8-19 host-bound launches, each per-call event pair measured the
+    queue state the previous variant left (H100, 42be99d: after's T=1 shared-head call read 56-86 us eager vs
+    6 us replayed), not the variant."""
     from ..lab import timing
 
     T = args[0].shape[0]
     cost = roofline_cost(op, T, D, n, args[0].dtype)
     calls = {v: functools.partial(fn, *args, eps) for v, fn in fns.items()}
     recs: list[dict] = []
-    left = ["eager-loop"]
-    for mode in ("graph", "eager"):
+    left = ["eager", "eager-loop"]
+    for mode in ("graph",):
         try:
             times = timing.bench_interleaved(calls, graph=mode == "graph", flush_l2=mode == "graph", rep=rep,
                                              warmup=warmup, device=args[0].device)

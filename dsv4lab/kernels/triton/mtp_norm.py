@@ -36,21 +36,25 @@ CHUNK_BLOCK = 4096    # chunk length of the two-pass loop
 # kernel is latency-bound (a few rows, ~5 us graph-replay floor) and more warps per row finish sooner: on the H100
 # (data/results/h100/pr43746_mtp_norm.jsonl, variant after[vpt=8]) D=4096 at T=1/64 took 5.1/5.3 us with 16 warps
 # against 6.0/5.9 us with 8, while at T >= 1024 8 warps were faster (9.2 vs 11.3 us). The bench sweeps num_warps.
-TUNING = {"values_per_thread": 16, "small_values_per_thread": 8, "small_tokens": 64, "max_warps": 16}
+# stream_hints: L2 eviction hints on the loads (off until the bench's sweep shows a gain; torch.compile's kernels use them)
+TUNING = {"values_per_thread": 16, "small_values_per_thread": 8, "small_tokens": 64, "max_warps": 16,
+          "stream_hints": False}
 
 
 @triton.jit
 def _rmsnorm_row(x_ptr, w_ptr, out_ptr, D, eps, zero_row,
-                 BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr):
-    """RMSNorm of one row of length D; ``zero_row`` replaces the input by zeros (the position-0 mask)."""
+                 BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr,
+                 X_EVICT: tl.constexpr, W_EVICT: tl.constexpr):
+    """RMSNorm of one row of length D; ``zero_row`` replaces the input by zeros (the position-0 mask).
+    ``X_EVICT`` / ``W_EVICT``: L2 eviction hints of the row and weight loads ("" = none)."""
     x_dtype = x_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
         in_row = offs < D
-        x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=in_row, other=0.0, eviction_policy=X_EVICT).to(tl.float32)
         x = tl.where(zero_row, 0.0, x)
         rrms = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(w_ptr + offs, mask=in_row, other=0.0)
+        w = tl.load(w_ptr + offs, mask=in_row, other=0.0, eviction_policy=W_EVICT)
         if TWO_ROUNDING:
             y = (x * rrms).to(x_dtype).to(tl.float32) * w.to(x_dtype).to(tl.float32)
         else:
@@ -67,9 +71,9 @@ def _rmsnorm_row(x_ptr, w_ptr, out_ptr, D, eps, zero_row,
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
             in_row = cols < D
-            x = tl.load(x_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + cols, mask=in_row, other=0.0, eviction_policy=X_EVICT).to(tl.float32)
             x = tl.where(zero_row, 0.0, x)
-            w = tl.load(w_ptr + cols, mask=in_row, other=0.0)
+            w = tl.load(w_ptr + cols, mask=in_row, other=0.0, eviction_policy=W_EVICT)
             if TWO_ROUNDING:
                 y = (x * rrms).to(x_dtype).to(tl.float32) * w.to(x_dtype).to(tl.float32)
             else:
@@ -80,24 +84,27 @@ def _rmsnorm_row(x_ptr, w_ptr, out_ptr, D, eps, zero_row,
 @triton.jit
 def _mtp_input_rmsnorm_kernel(embed_ptr, pos_ptr, prev_ptr, enorm_w_ptr, hnorm_w_ptr, e_out_ptr, h_out_ptr,
                               D, eps, HC_MULT: tl.constexpr,
-                              BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr):
+                              BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr,
+                              X_EVICT: tl.constexpr, W_EVICT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     if k == 0:
         masked = tl.load(pos_ptr + t) == 0
         _rmsnorm_row(embed_ptr + t * D, enorm_w_ptr, e_out_ptr + t * D, D, eps, masked,
-                     BLOCK, NUM_CHUNKS, TWO_ROUNDING)
+                     BLOCK, NUM_CHUNKS, TWO_ROUNDING, X_EVICT, W_EVICT)
     else:
         row = t * HC_MULT + (k - 1)
         _rmsnorm_row(prev_ptr + row * D, hnorm_w_ptr, h_out_ptr + row * D, D, eps, False,
-                     BLOCK, NUM_CHUNKS, TWO_ROUNDING)
+                     BLOCK, NUM_CHUNKS, TWO_ROUNDING, X_EVICT, W_EVICT)
 
 
 @triton.jit
 def _shared_head_rmsnorm_kernel(h_ptr, w_ptr, out_ptr, D, eps,
-                                BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr):
+                                BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, TWO_ROUNDING: tl.constexpr,
+                                X_EVICT: tl.constexpr, W_EVICT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    _rmsnorm_row(h_ptr + t * D, w_ptr, out_ptr + t * D, D, eps, False, BLOCK, NUM_CHUNKS, TWO_ROUNDING)
+    _rmsnorm_row(h_ptr + t * D, w_ptr, out_ptr + t * D, D, eps, False, BLOCK, NUM_CHUNKS, TWO_ROUNDING,
+                 X_EVICT, W_EVICT)
 
 
 # ---- input contract -----------------------------------------------------------------------------------
@@ -209,21 +216,31 @@ def launch_config(D: int, T: int | None = None) -> tuple[int, int, int]:
     return _launch_config(D, MAX_BLOCK, CHUNK_BLOCK, vpt, TUNING["max_warps"])
 
 
-_FORCED_WARPS: list[int | None] = [None]
+_FORCED: dict = {"num_warps": None, "stream_hints": None}
 
 
 @contextlib.contextmanager
-def forced_num_warps(num_warps: int):
-    """Launch both kernels with ``num_warps`` inside the block instead of ``launch_config``'s choice (for sweeps;
-    the values do not change). A CUDA graph captured inside keeps the setting it was captured with."""
-    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"num_warps: expected a power of two in [1, 32], got {num_warps!r}")
-    saved = _FORCED_WARPS[0]
-    _FORCED_WARPS[0] = num_warps
+def forced_launch(num_warps: int | None = None, stream_hints: bool | None = None):
+    """Inside the block, launch both kernels with ``num_warps`` instead of ``launch_config``'s choice and/or with
+    ``stream_hints`` instead of ``TUNING["stream_hints"]`` (rows loaded evict-first, the weight evict-last); for
+    sweeps, the values do not change. A CUDA graph captured inside keeps the setting it was captured with."""
+    if num_warps is not None and (isinstance(num_warps, bool) or not isinstance(num_warps, int)
+                                  or num_warps not in (1, 2, 4, 8, 16, 32)):
+        raise ValueError(f"num_warps: expected None or a power of two in [1, 32], got {num_warps!r}")
+    if stream_hints is not None and not isinstance(stream_hints, bool):
+        raise TypeError(f"stream_hints: expected None or a bool, got {type(stream_hints).__name__}")
+    saved = dict(_FORCED)
+    _FORCED.update(num_warps=num_warps, stream_hints=stream_hints)
     try:
         yield
     finally:
-        _FORCED_WARPS[0] = saved
+        _FORCED.update(saved)
+
+
+def _evict() -> tuple[str, str]:
+    hints = TUNING["stream_hints"] if _FORCED["stream_hints"] is None else _FORCED["stream_hints"]
+    # Each row is read once per call and the weight by every program: keep the weight, let the rows go first
+    return ("evict_first", "evict_last") if hints else ("", "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +273,7 @@ def fused_mtp_input_rmsnorm(embed: torch.Tensor, positions: torch.Tensor, prev: 
     block, num_chunks, warps = launch_config(D, T)
     _launch_input((T, hc_mult + 1, 1), embed.device,
                   (embed, positions, prev, enorm_weight, hnorm_weight, e_out, h_out, D, eps,
-                   hc_mult, block, num_chunks, bool(two_rounding)), _FORCED_WARPS[0] or warps)
+                   hc_mult, block, num_chunks, bool(two_rounding), *_evict()), _FORCED["num_warps"] or warps)
     return e_out, h_out
 
 
@@ -269,5 +286,6 @@ def mtp_shared_head_rmsnorm(h: torch.Tensor, weight: torch.Tensor, eps: float = 
         return out
     block, num_chunks, warps = launch_config(D, T)
     _launch_shared_head((T, 1, 1), h.device,
-                        (h, weight, out, D, eps, block, num_chunks, bool(two_rounding)), _FORCED_WARPS[0] or warps)
+                        (h, weight, out, D, eps, block, num_chunks, bool(two_rounding), *_evict()),
+                        _FORCED["num_warps"] or warps)
     return out
