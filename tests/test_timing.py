@@ -154,3 +154,19 @@ def test_bench_interleaved_eager_calls_every_case_directly():
     # eager: 3 warm-up calls + 15 timed calls, no capture and no upload replay
     assert counter.item() == 3 + 15
     assert all(v.mode == "cuda-events" and len(v.times_us) == 15 and not v.flush_l2 for v in t.values())
+
+
+def test_kernel_time_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="device"):
+        timing.kernel_time(lambda: None, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUPTI kernel timestamps need a GPU")
+@pytest.mark.parametrize("flush_l2", [True, False])
+def test_kernel_time_sums_one_calls_kernels(flush_l2):
+    x = torch.randn(4096, 4096, device="cuda")
+    one = timing.kernel_time(lambda: x @ x, rep=10, flush_l2=flush_l2)
+    two = timing.kernel_time(lambda: (x @ x, x @ x), rep=10, flush_l2=flush_l2)
+    assert one.mode == "kernel-sum" and len(one.times_us) == 10 and one.p50 > 0
+    # two identical GEMMs per call: twice the GPU time of one, within clock noise
+    assert 1.7 < two.p50 / one.p50 < 2.3

@@ -10,6 +10,8 @@ percentiles of the per-call times in microseconds. Modes:
 - ``'cuda-graph'``: ``fn`` is warmed up on a side stream, captured once into a ``torch.cuda.CUDAGraph``, and each
   ``replay()`` is timed with an event pair (the L2 flush is replayed outside the pair). This excludes the
   Python/dispatcher cost of ``fn``; one graph launch remains.
+- ``kernel_time(fn)`` (mode ``'kernel-sum'``): the summed CUPTI durations of the GPU activities of one call
+  (``torch.profiler``), no launch or event overhead; for kernels near the ~5 us event/graph floor.
 - ``'cpu-clock'``: on a CPU device, ``time.perf_counter_ns`` around each call. No cache flush. These are CPU
   timings and are labelled as such in every record; never compare them with GPU times.
 
@@ -41,7 +43,7 @@ class Timing:
     p20: float
     p50: float
     p80: float
-    mode: str            # 'cuda-graph' | 'cuda-events' | 'cpu-clock'
+    mode: str            # 'cuda-graph' | 'cuda-events' | 'kernel-sum' | 'cpu-clock'
     rep: int
     warmup: int
     flush_l2: bool
@@ -370,6 +372,60 @@ def kernels_per_call(fn: Callable[[], Any], *, device: str | torch.device | None
                  key=lambda e: e.time_range.start)
     names = [e.name for e in top]
     return KernelCount(len(names), names, "cpu-aten-ops")
+
+
+def kernel_time(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 30, flush_l2: bool = True,
+                device: str | torch.device | None = None) -> Timing:
+    """GPU busy time of ``fn()``: the summed durations of the GPU activities (kernels, memcpy, memset) one call
+    launches, from ``torch.profiler`` (CUPTI) timestamps, per call -> p20/p50/p80 (mode 'kernel-sum'). Launch
+    latency, host gaps and the graph/event overhead are not in it, so it resolves kernels of a few microseconds
+    that event timing puts on a ~5 us floor (DeepGEMM's benchmarks time kernels the same way).
+
+    Each call is preceded by a marker activity (the L2 flush memset with ``flush_l2``, else a one-element fill)
+    that separates the calls on the GPU timeline and is not counted; its kernel names are learnt by profiling the
+    marker alone first, so a ``fn`` that launches the very same kernel would lose it from its sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _check_args(fn, warmup, rep)
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device: kernel_time reads CUDA kernel timestamps and needs a CUDA device, got {dev}")
+    with torch.cuda.device(dev):
+        flush = _flush_buffer(dev)
+        tiny = torch.zeros(1, device=dev)
+
+        def marker() -> None:
+            if flush_l2:
+                flush.zero_()
+            else:
+                tiny.zero_()
+
+        for _ in range(warmup):
+            fn()
+        marker()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            marker()
+            torch.cuda.synchronize()
+        marker_names = {e.name for e in prof.events() if _is_gpu_activity(e)}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(rep):
+                marker()
+                fn()
+            torch.cuda.synchronize()
+    gpu = sorted((e for e in prof.events() if _is_gpu_activity(e)), key=lambda e: e.time_range.start)
+    times: list[float] = []
+    for e in gpu:
+        if e.name in marker_names:
+            times.append(0.0)
+        elif times:
+            times[-1] += e.time_range.end - e.time_range.start
+    if len(times) != rep:
+        raise RuntimeError(f"kernel_time: found {len(times)} marker activities on the GPU timeline for {rep} calls "
+                           f"(marker kernels {sorted(marker_names)})")
+    p20, p50, p80 = percentiles(times)
+    return Timing(p20=p20, p50=p50, p80=p80, mode="kernel-sum", rep=rep, warmup=warmup, flush_l2=flush_l2,
+                  device=str(dev), times_us=times)
 
 
 def host_overhead_pairs(calls: Mapping[str, tuple[Callable[[], Any], Callable[[], Any]]], n: int, *,
