@@ -758,12 +758,14 @@ def main(argv: list[str] | None = None) -> int:
                     src = torch.empty(actual // 2, dtype=torch.uint8, device=dev)
                     dst = torch.empty_like(src)
                     tc = bench(lambda: dst.copy_(src))
+                    tck = None if dry else timing.kernel_time(lambda: dst.copy_(src), rep=20, device=dev)
                     rec("compressor", "torch", f"copy-same-bytes-r{r}-hd{hd}", T, "time", "us", tc.p50,
                         actual_bytes=actual, gbps_actual=actual / (tc.p50 * 1e-6) / 1e9, pct_bw_actual=pct(tc.p50),
-                        hd=hd, ratio=r, **tfields(tc))
+                        hd=hd, ratio=r, kernel_p50_us=tck.p50 if tck else None,
+                        kernel_pct_bw_actual=pct(tck.p50) if tck else None, **tfields(tc))
                     del src, dst
                 except Exception as e:
-                    tc = None
+                    tc = tck = None
                     error("compressor", f"copy-same-bytes-r{r}-hd{hd}", T, e)
                 default = TC.resolve_config(r, n, hd)
                 sweep = ([dict(TC.DEFAULT_CONFIG[r])] + TC.CONFIGS[r][: None if hd == D_HEAD else 3]
@@ -791,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                         vs_default = float((o.float() - dflt_out.float()).abs().max()) if n and dflt_out is not None else None
                         t = bench(run)
                         tg = bench(run, graph=True)
+                        # CUPTI kernel durations: the kernel without the ~5 us launch/event floor of the other two
+                        tk = None if dry else timing.kernel_time(run, rep=20, device=dev)
                         design = res.get("design", "channels")
                         variant = (f"pool-norm-rope-fp8-r{r}" if is_default and hd == D_HEAD else
                                    f"tiles-r{r}-hd{hd}" if design == "tiles" else f"sweep-r{r}-hd{hd}")
@@ -805,10 +809,12 @@ def main(argv: list[str] | None = None) -> int:
                                   graph_p20_us=tg.p20, graph_p80_us=tg.p80,
                                   graph_gbps_actual=actual / (tg.p50 * 1e-6) / 1e9,
                                   max_abs_vs_reference=max_abs, frac_neq_reference=neq,
-                                  max_abs_vs_default=vs_default)
+                                  max_abs_vs_default=vs_default, kernel_p50_us=tk.p50 if tk else None,
+                                  kernel_p20_us=tk.p20 if tk else None, kernel_p80_us=tk.p80 if tk else None)
                         if peaks is not None:
                             rr["pct_bw_actual"] = pct(t.p50)
                             rr["graph_pct_bw_actual"] = pct(tg.p50)
+                            rr["kernel_pct_bw_actual"] = pct(tk.p50) if tk else None
                         results.append(path, [rr])
                         all_recs.append(rr)
                         rows_out.append(rr)
@@ -833,12 +839,21 @@ def main(argv: list[str] | None = None) -> int:
                     best_ev = min(rows_out, key=lambda q: q["value"])
                     best_gr = min(rows_out, key=lambda q: q["graph_p50_us"])
                     head = (f"compressor r={r:3d} hd={hd} T={T:5d}: copy-same-bytes "
-                            f"{tc.p50 if tc else float('nan'):6.1f} us ({pct(tc.p50) if tc else float('nan'):.0f}%)")
+                            f"{tc.p50 if tc else float('nan'):6.1f} us ({pct(tc.p50) if tc else float('nan'):.0f}%)"
+                            f" kernel {tck.p50 if tc and tck else float('nan'):6.1f} us "
+                            f"({pct(tck.p50) if tc and tck else float('nan'):.0f}%)")
                     if d is not None:
                         head += (f" | default {d['resolved']} {d['value']:6.1f} us ({d.get('pct_bw_actual', float('nan')):.0f}%)"
                                  f" graph {d['graph_p50_us']:6.1f} ({d.get('graph_pct_bw_actual', float('nan')):.0f}%)"
                                  f" readflush {d.get('_readflush_us', float('nan')):6.1f}")
                     summary.append(head)
+                    kern = [q for q in rows_out if q.get("kernel_p50_us")]
+                    if kern:
+                        best_k = min(kern, key=lambda q: q["kernel_p50_us"])
+                        summary.append(f"    best kernel-sum {best_k['resolved']} {best_k['kernel_p50_us']:6.1f} us "
+                                       f"({best_k.get('kernel_pct_bw_actual') or float('nan'):.0f}%)"
+                                       + (f" | default kernel-sum {d['kernel_p50_us']:6.1f} us "
+                                          f"({d.get('kernel_pct_bw_actual') or float('nan'):.0f}%)" if d else ""))
                     summary.append(f"    best eager {best_ev['resolved']} {best_ev['value']:6.1f} us "
                                    f"({best_ev.get('pct_bw_actual', float('nan')):.0f}%) | best graph {best_gr['resolved']} "
                                    f"{best_gr['graph_p50_us']:6.1f} us ({best_gr.get('graph_pct_bw_actual', float('nan')):.0f}%)")
