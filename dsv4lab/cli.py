@@ -54,7 +54,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"  {'slug':10s} {results.gpu_slug()}")
     print("\nbackends (op x backend)")
     rows = registry.matrix()
-    print(_table(rows, ["op", "backend", "available", "reason"]))
+    print(_table(rows, ["op", "backend", "available", "preference", "reason"]))
     return 0
 
 

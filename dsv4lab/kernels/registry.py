@@ -148,13 +148,37 @@ def available_backends(op: str) -> list[str]:
     return [n for n in backends(op) if availability(op, n)[0]]
 
 
+# ---- preferred backends of the layer modules --------------------------------------------------------
+# op -> fused backends, fastest measured first. The layer modules (``layers._ops``, prefill forward) asked for any
+# of them run the first one available here; decode paths and benchmarks ask ``get`` for one backend explicitly.
+# sparse_attention: the TileLang ws kernel beat the Triton kernel on the H100 (commit 42be99d, Flash, T = 8192,
+# whole op): CSA 1848 vs 2499 us, HCA 1025 vs 1055 us (window layers not measured with TileLang).
+PREFERENCE: dict[str, tuple[str, ...]] = {"sparse_attention": ("tilelang", "triton")}
+
+
+def pick(op: str, requested: str) -> tuple[str, str]:
+    """``(backend, why)``: ``requested`` itself, unless it is one of ``PREFERENCE[op]``; then the first of those
+    available here (``requested`` if none is: ``get`` then raises with its reason)."""
+    order = PREFERENCE.get(op, ())
+    if requested not in order:
+        return requested, "requested"
+    for name in order:
+        ok, why = availability(op, name)
+        if ok:
+            return name, "requested" if name == requested else f"preferred over {requested} (registry.PREFERENCE)"
+    return requested, "requested"
+
+
 def matrix() -> list[dict[str, Any]]:
-    """One row per (op, backend): availability and reason. The ``dsv4lab env`` table."""
+    """One row per (op, backend): availability, reason and rank in ``PREFERENCE`` (1 = first; "" = not ranked).
+    The ``dsv4lab env`` table."""
     rows = []
     for op in ops():
+        order = PREFERENCE.get(op, ())
         for name in backends(op):
             ok, why = availability(op, name)
             rows.append({"op": op, "backend": name, "available": ok, "reason": why,
+                         "preference": order.index(name) + 1 if name in order else "",
                          "target": _TABLE[op][name].target, "doc": _TABLE[op][name].doc})
     return rows
 
@@ -202,4 +226,4 @@ _reg("compressor", "triton", "dsv4lab.kernels.triton.compressor:compress", requi
 _reg("indexer_q_rope_quant", "reference", f"{_R}.indexer_q:indexer_q_rope_quant", doc="indexer Q RoPE, bf16 round, fp8 e4m3 with a pow2 scale per (token, head) folded into the head weights (3.5)")
 _reg("indexer_q_rope_quant", "triton", "dsv4lab.kernels.triton.indexer_q:indexer_q_rope_quant", requires=("triton",), doc="one program per block of head rows, per-token cos/sin rows, no host sync; bitwise equal to the reference")
 _reg("indexer_topk", "deep_gemm", "dsv4lab.kernels.deep_gemm.indexer:indexer_topk", requires=("cuda", "sm90", "deep_gemm"), doc="Triton compressor (kI) + Triton Q quant, DeepGEMM fp8_mqa_logits with causal [ks, ke), torch.topk")
-_reg("sparse_attention", "tilelang", f"{_TL}.sparse_attention:sparse_attention_with_sink", requires=("tilelang", "sm90"), doc="Hopper: CTA per (token, 64 heads), K rows gathered by zero-filling cp.async (2-stage pipeline), wgmma QK^T and PV split over 2 warpgroups (256 output dims each), log2 online softmax with the sink; not the default")
+_reg("sparse_attention", "tilelang", f"{_TL}.sparse_attention:sparse_attention_with_sink", requires=("tilelang", "sm90"), doc="Hopper: CTA per (token, 64 heads), K rows gathered by zero-filling cp.async (2-stage pipeline), wgmma QK^T and PV split over 2 warpgroups (256 output dims each), log2 online softmax with the sink; design ws (warp-specialised) by default; first in PREFERENCE (layers' prefill)")

@@ -32,12 +32,19 @@ what the Triton kernel's in-kernel scan does: the causal -1 tail of early tokens
 Precision: q, K bf16 into wgmma with fp32 accumulation, p rounded to bf16 before P @ K (relative error <= 2^-9 per
 weight), fp32 softmax statistics, one bf16 rounding of o. Same as the Triton kernel on the GPU.
 
-Designs (``design=``, opt-in through ``sparse_attention_launch``; ``sparse_attention_with_sink`` runs DEFAULT_DESIGN):
-"v1" is the kernel above; "ws" (``sparse_attention_ws.py``) is the FlashMLA-style warp-specialised kernel (a producer
+Designs (``design=``, through ``sparse_attention_launch``; ``sparse_attention_with_sink`` runs DEFAULT_DESIGN, or v1
+where the head dim is not a multiple of 128, which ws needs): "v1" is the kernel above; "ws" (``sparse_attention_ws.py``) is the FlashMLA-style warp-specialised kernel (a producer
 warpgroup gathering into a cp.async ring, consumer 0 computing S alone + the softmax, consumer 1 the other half of
 P @ K); "wsp" is ws made persistent (one CTA per SM walking (token, head tile) items, the ring and barrier
 phases running on across items, so the next token's gathers overlap the current token's tail and epilogue). Same
 operands, chunking, masking and precision; the bench times all of them (variant prefill-sweep-*-tilelang).
+
+Default (H100 run at commit 42be99d, Flash, T = 8192, whole op incl. the launcher's chunk counts): ws with
+block_n 64, 2 stages and trim. CSA: ws 1848 us, wsp 1904, ws without trim 1905, ws n32s4 2119, v1 2367.
+HCA: ws without trim 963 us, ws 1025, ws n32s4 1019, wsp 1069, v1 1157. Trim pays on CSA (-57 us) and costs on
+HCA (+62 us: at 3 chunks per list it saves almost no chunk but costs the chunk-count pass); the two sums are
+within 0.2 %, and the launcher cannot tell the layer kind from its operands (the list length of HCA grows with
+T), so one default: the CSA winner.
 
 TileLang is imported lazily (``compile_kernel``): ``import dsv4lab`` never needs it. Inputs are checked before any
 compile or launch. The kernel runs on CUDA only; CPU tests check an emulation of this algorithm and the sm_90a
@@ -61,8 +68,7 @@ THREADS = 256           # 2 warpgroups: each owns half of S's columns and half o
 SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
 MAX_HEAD_DIM = 512
 DESIGNS = ("v1", "ws", "wsp")
-# v1 stays the default until the H100 sweep (variant prefill-sweep-*-tilelang, field config) shows ws is faster
-DEFAULT_DESIGN = "v1"
+DEFAULT_DESIGN = "ws"    # measured fastest on CSA prefill (module docstring); v1 where d % 128 != 0
 WS_BLOCK_N, WS_STAGES = 64, 2     # ws / wsp: 200 KiB of shared memory at d = 512 (the largest ring that fits)
 
 
@@ -174,7 +180,8 @@ def _compile_ws(n_heads: int, d: int, scale: float, arch: str, block_n: int, sta
 def resolve_design(d: int, design: str | None = None, block_n: int | None = None, stages: int | None = None,
                    trim: bool = True) -> dict:
     """The knobs a launch runs with (None = the design's default), checked: ValueError / TypeError name the knob."""
-    design = DEFAULT_DESIGN if design is None else design
+    if design is None:
+        design = DEFAULT_DESIGN if d % 128 == 0 else "v1"
     if design not in DESIGNS:
         raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
     ws = design in ("ws", "wsp")
