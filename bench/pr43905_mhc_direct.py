@@ -3,35 +3,43 @@
 
     python bench/pr43905_mhc_direct.py --out $OUT          # records -> $OUT/pr43905_mhc_direct.jsonl
 
-Steps; every case is recorded as it finishes, a failing case becomes an "error" record (with the message) and the
-run goes on; a time budget (``--budget``, default 150 s from the start) turns what is left into "unavailable":
-0. Warm-up, in parallel subprocesses (``--warm-job``): every TileLang kernel for Flash (D=4096) and Pro (D=7168),
-   tile_kernels' mHC kernels and torch.compile of the references; then the main process loads them (disk-cache
-   hits) and records per-kernel compile/load seconds ("startup"). No JIT happens inside a timing. Then each op
-   runs once in its own subprocess (T in 1, 3, 70, 1000, 4096; "smoke_max_rel_err" vs the reference): an op that
-   crashes, hangs or returns inf/NaN there is skipped here, so it cannot poison this process's CUDA context.
-1. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
-   (prenorm GEMM partials summed over splits; epilogue fed exact mixes; post; fused GEMM's new residual; head
-   epilogue). A failure here names the broken kernel.
-1b. (runs FIRST, right after the smoke tests: the budget cuts the tail) Issue #6 designs
-   (``_mhc_common.TUNING["design"]``: two_pass = launcher default, one_pass, l2_chunked; VARIANTS adds the
-   _mhc_overlap latency designs for mhc_pre / mhc_fused_post_pre: small_t (FMA split-K projection + v3 epilogue,
-   T <= 32; small_t_256: T <= 256), and the v3 epilogue in two_pass / l2_chunked / two_pass with the 128-token GEMM
-   tile; hc_head is unchanged by them and not re-timed): each new design of mhc_pre / mhc_fused_post_pre / hc_head is compiled
-   in the warm-up and smoke-tested in its own subprocess (a crash, or a max relative error above 5 %, disables
-   that variant only), then numerics (T in {1, 70, 1000}) and eager vs graph bitwise, then timed against each
-   other and tile_kernels at T in {1, 16, 256, 1024, 4096, 16384} (graph replay for T <= 256); records variant
-   "design:<name>" with fields design / resolved_design / default_design, one "best_design" record per
+    python bench/pr43905_mhc_direct.py --out $OUT --budget 120 --designs two_pass_v3_auto,two_pass,tile_kernels
+                                                           # short run: the default vs the old default vs tile_kernels
+
+Steps, in run order; every case is recorded as it finishes, a failing case becomes an "error" record (with the
+message) and the run goes on; a time budget (``--budget``, default 150 s from the start) turns what is left into
+"unavailable". Launcher default = VARIANTS[DEFAULT_VARIANT] ("two_pass_v3_auto": two_pass, v3 epilogue, prenorm
+GEMM tile 128 from T = 4096 on, since the 42be99d H100 run); "two_pass" = the default before (v1/v2 epilogue,
+64-token tile). Every variant label keeps the meaning it had in earlier runs' records.
+0. Warm-up, in parallel subprocesses (``--warm-job``): the TileLang kernels of the default and of the swept variants
+   for Flash (D=4096) and Pro (D=7168), tile_kernels' mHC kernels (if swept) and torch.compile of the references
+   (not with ``--designs``: its pass comes last); then the main process loads them (disk-cache hits) and records
+   per-kernel compile/load seconds ("startup"). No JIT happens inside a timing. Then each op runs once in its own
+   subprocess (T in 1, 3, 70, 1000, 4096; "smoke_max_rel_err" vs the reference), and so does each swept variant
+   (T in 1, 70, 1000; above 5 % it is not timed): an op that crashes, hangs or returns inf/NaN there is skipped,
+   so it cannot poison this process's CUDA context.
+1a. The DEFAULT first, both presets: numerics per op, T in {1, 3, 64, 1000, 4096}: lab.numerics.compare(oracle fp64,
+   eager = fp32 reference on the GPU, fused = TileLang), err_ratio bar 2 (bf16 outputs); mixes (post, comb)
+   relative to the fp32 reference (target 1e-5); then two eager calls and a CUDA-graph replay bitwise equal at
+   T in {1, 1000, 4096} (4096: the 128-token GEMM tile); T = 0.
+1b. Issue #6 design sweep (``--designs`` restricts it): mhc_pre / mhc_fused_post_pre / hc_head under each variant of
+   VARIANTS (one_pass, l2_chunked, the _mhc_overlap designs small_t / small_t_256 / *_v3, fixed 64 or 128 GEMM
+   tiles; hc_head only where its launches differ) and tile_kernels, at T in {1, 16, 256, 1024, 4096, 16384} (graph
+   replay for T <= 256), each kernel of the default alone at T in {1, 4096, 16384} ("stage_time"); variants that
+   launch the same kernels as one already timed get a "same_as" record. Records variant "design:<name>" with fields
+   design / resolved_design / default_design / tuning / gemm_block_tokens, one "best_design" record per
    (preset, op, T), and a "design comparison" table printed last.
-2. Numerics per preset, op, T in {1, 3, 64, 1000, 4096}: lab.numerics.compare(oracle fp64, eager = fp32 reference
-   on the GPU, fused = TileLang), err_ratio bar 2; mixes (post, comb) relative to the fp32 reference (target 1e-5);
-   T = 0; determinism; eager vs CUDA-graph replay bitwise. tile_kernels too, against the oracle of ITS semantics.
+1c. Numerics (T in {1, 70, 1000}) and eager vs graph bitwise of the other swept variants.
+2. Stage diagnostics (Flash, T in {3, 1000}): each kernel alone against an fp64 computation of exactly its job
+   (prenorm GEMM partials summed over splits, 64- and 128-token tiles; epilogue fed exact mixes; post; fused
+   GEMM's new residual; head epilogue). A failure here names the broken kernel. tile_kernels' numerics against
+   the oracle of ITS semantics.
 3. The #43905 refactor on the GPU (``pr43905_mhc_direct.run('cuda')``): bitwise before == after, allocations per
    call, host overhead (probes and real kernels), per layer / forward, graph replay before vs after.
-4. Timing, T in {1, 2, 4, ..., 256, 1024, 4096, 8192, 16384}, T >= 1024 first: pass A TileLang (CUDA events, L2
-   flushed; CUDA-graph replay for T <= 256) and tile_kernels (same; T in TK_TOKENS); pass B torch eager and pass C
-   torch.compile of the reference (T in TORCH_TOKENS). Time, GB/s, % of the measured copy bandwidth (lab.roofline
-   minimum bytes), ratio to tile_kernels.
+4. Timing of the default, T in {1, 2, 4, ..., 256, 1024, 4096, 8192, 16384}, T >= 1024 first: pass A TileLang (CUDA
+   events, L2 flushed; CUDA-graph replay for T <= 256) and tile_kernels (same; T in TK_TOKENS); pass B torch eager
+   and pass C torch.compile of the reference (T in TORCH_TOKENS). Time, GB/s, % of the measured copy bandwidth
+   (lab.roofline minimum bytes), ratio to tile_kernels.
 tile_kernels differences (recorded as ``tk_semantics``): its pre has no RMSNorm weight on layer_input (compared
 with our pre at norm_weight=None, timed both ways), may use DeepGEMM's TF32 prenorm GEMM (~1e-3), has no fused
 post+pre (peer = its post then its pre), and its head pads fn to 24 rows.
@@ -68,23 +76,41 @@ DESIGN_OPS = ("mhc_pre", "mhc_fused_post_pre", "hc_head")
 NEW_DESIGNS = ("one_pass", "l2_chunked")
 # (session 3: one_pass_bt16, one_pass_c16 and l2_chunked_32mb were dropped -- slower than one_pass / l2_chunked in
 # the 18:01 H100 run, see data/results/h100 -- to keep this phase under 60 s with the issue #6 latency designs)
-VARIANTS = {"two_pass": {"design": "two_pass"}, "one_pass": {"design": "one_pass"},
-            "l2_chunked": {"design": "l2_chunked"}, "auto": {"design": "auto"},
-            # issue #6 (_mhc_overlap): FMA split-K projection + v3 epilogue up to 32 tokens, two_pass + v3 above
-            "small_t": {"design": "small_t", "overlap_epilogue": True},
-            "small_t_256": {"design": "small_t", "overlap_epilogue": True, "small_t_max_tokens": 256},
-            # the v3 epilogue (Sinkhorn on warp 0 overlapped with the collapse) in the existing designs
-            "two_pass_v3": {"design": "two_pass", "overlap_epilogue": True},
-            "l2_chunked_v3": {"design": "l2_chunked", "overlap_epilogue": True},
-            # + the 128-token GEMM tile (~10 % faster GEMM at T = 16384 in the 16:12 H100 run)
-            "two_pass_v3_bt128": {"design": "two_pass", "overlap_epilogue": True, "gemm_block_tokens": 128}}
+# Every label keeps the meaning it had in earlier runs' records: each variant pins the TUNING keys whose default
+# changed after the 42be99d H100 run (overlap_epilogue False -> True, gemm_block_tokens 64 -> "auto").
+OLD_PRE = {"overlap_epilogue": False, "gemm_block_tokens": 64}   # v1/v2 epilogue, 64-token GEMM tile
+DEFAULT_VARIANT = "two_pass_v3_auto"   # = the launchers' TUNING (checked at start-up and in tests)
+VARIANTS = {
+    # the launcher default since the 42be99d H100 run: two_pass, v3 epilogue, GEMM tile per T (128 from T = 4096)
+    "two_pass_v3_auto": {"design": "two_pass", "overlap_epilogue": True, "gemm_block_tokens": "auto"},
+    "two_pass": {"design": "two_pass", **OLD_PRE},   # the launcher default BEFORE (records up to 42be99d)
+    "one_pass": {"design": "one_pass", **OLD_PRE}, "l2_chunked": {"design": "l2_chunked", **OLD_PRE},
+    "auto": {"design": "auto", **OLD_PRE},
+    # issue #6 (_mhc_overlap): FMA split-K projection + v3 epilogue up to 32 tokens, two_pass + v3 above
+    "small_t": {"design": "small_t", "overlap_epilogue": True, "gemm_block_tokens": 64},
+    "small_t_256": {"design": "small_t", "overlap_epilogue": True, "gemm_block_tokens": 64, "small_t_max_tokens": 256},
+    # the v3 epilogue (Sinkhorn on warp 0 overlapped with the collapse) in the existing designs
+    "two_pass_v3": {"design": "two_pass", "overlap_epilogue": True, "gemm_block_tokens": 64},
+    "l2_chunked_v3": {"design": "l2_chunked", "overlap_epilogue": True, "gemm_block_tokens": 64},
+    # + the 128-token GEMM tile at every T
+    "two_pass_v3_bt128": {"design": "two_pass", "overlap_epilogue": True, "gemm_block_tokens": 128}}
 OVERLAP_VARIANTS = ("small_t", "small_t_256", "two_pass_v3", "l2_chunked_v3", "two_pass_v3_bt128")
 OVERLAP_OPS = ("mhc_pre", "mhc_fused_post_pre")   # hc_head has no Sinkhorn: these variants do not change it
-SMOKED_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS
-NUMERICS_VARIANTS = ("one_pass", "l2_chunked") + OVERLAP_VARIANTS   # step 1b: numerics + graph per variant
-# kernels the new variants need (warm-up + load): a failure disables those variants only
+# variants smoke-tested in their own subprocess and checked for numerics (the default is, in steps 0 and 1a;
+# "auto" resolves to one of the others)
+SMOKED_VARIANTS = tuple(v for v in VARIANTS if v not in (DEFAULT_VARIANT, "auto"))
+NUMERICS_VARIANTS = SMOKED_VARIANTS
+# kernels of the launcher default per op (warm-up + load): a failure makes the op unavailable
+DEFAULT_KERNELS = {"mhc_pre": ("gemm24", "gemm24_bt128", "pre_epi_v3"), "mhc_post": ("post",),
+                   "mhc_fused_post_pre": ("post", "gemm24", "gemm24_bt128", "pre_epi_v3"),
+                   "hc_head": ("gemm4", "head_epi", "head_epi_v1")}
+# kernels (beyond those) that variants need for mhc_pre / mhc_fused_post_pre: a failure disables those variants
 OVERLAP_KERNELS = {"small_proj24": ("small_t", "small_t_256"), "pre_epi_v3": OVERLAP_VARIANTS,
-                   "gemm24_bt128": ("two_pass_v3_bt128",)}
+                   "gemm24_bt128": ("two_pass_v3_bt128",),
+                   "pre_epi": ("two_pass", "l2_chunked", "auto"),     # the old epilogue: v2 ...
+                   "pre_epi_v1": ("two_pass", "l2_chunked", "auto")}  # ... and v1 (many splits)
+BASE_KERNELS = ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "head_epi_v1", "post")   # "fused": stage diag.
+DEFAULT_GRAPH_TOKENS = (1, 1000, 4096)   # 4096: the 128-token GEMM tile of the default
 VARIANT_TOKENS = [1, 16, 256, 1024, 4096, 16384]
 STAGE_TOKENS = (1, 4096, 16384)      # two-pass stage timings (each kernel alone)
 DESIGN_NUMERICS_TOKENS = [1, 70, 1000]   # 1000 > one chunk of l2_chunked (512 Flash / 256 Pro tokens)
@@ -188,17 +214,45 @@ def tuning(**over):
 
 
 def default_design() -> str:
+    """The VARIANTS name the launchers run under the current TUNING (DEFAULT_VARIANT first), else "custom:<design>"."""
     from dsv4lab.kernels.tilelang import _mhc_common as common
 
-    return common.TUNING["design"]
+    for name in (DEFAULT_VARIANT, *VARIANTS):
+        if all(common.TUNING.get(k) == v for k, v in VARIANTS[name].items()):
+            return name
+    return f"custom:{common.TUNING['design']}"
+
+
+def parse_designs(spec: str | None) -> tuple[list[str], bool]:
+    """``--designs a,b,...`` -> (variants of VARIANTS in sweep order, tile_kernels wanted); None: everything."""
+    if spec is None:
+        return list(VARIANTS), True
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS and n != "tile_kernels"]
+    if bad or not names:
+        raise ValueError(f"--designs: unknown {bad or spec!r}; expected a comma list of {list(VARIANTS)} "
+                         f"and/or tile_kernels")
+    return [v for v in VARIANTS if v in names], "tile_kernels" in names
+
+
+def warm_kinds(variants: list[str], restricted: bool) -> list[str]:
+    """TileLang kernels to build per preset: the default's, the selected variants' (all of them unrestricted)."""
+    kinds = list(dict.fromkeys(k for ks in DEFAULT_KERNELS.values() for k in ks))
+    if not restricted:
+        kinds += [k for k in BASE_KERNELS + VARIANT_KERNELS + tuple(OVERLAP_KERNELS) if k not in kinds]
+        return kinds
+    kinds += [k for k, vs in OVERLAP_KERNELS.items() if set(vs) & set(variants) and k not in kinds]
+    if {"one_pass", "auto"} & set(variants):
+        kinds += list(VARIANT_KERNELS)
+    return kinds
 
 
 # ---- warm-up jobs (each in its own process; results land in the on-disk caches) -------------------------
-def warm_jobs() -> list[str]:
-    jobs = [f"tl:{p}:{k}" for p in PRESETS for k in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post")
-            + VARIANT_KERNELS]
-    jobs += [f"tl:{p}:{k}" for p in PRESETS for k in OVERLAP_KERNELS]
-    return jobs + [f"tk:{p}" for p in PRESETS] + [f"tc:{op}" for op in OPS]
+def warm_jobs(kinds: list[str], presets, tile_kernels: bool = True, torch_compile: bool = True) -> list[str]:
+    """``--designs`` runs leave out torch.compile (its pass comes last, past a short budget) and, unless listed,
+    tile_kernels: ~45 s jobs each on the H100 host."""
+    jobs = [f"tl:{p}:{k}" for p in presets for k in kinds]
+    return jobs + [f"tk:{p}" for p in presets if tile_kernels] + [f"tc:{op}" for op in OPS if torch_compile]
 
 
 def tl_kernel(preset: str, kind: str):
@@ -434,6 +488,7 @@ class Runner:
         self.summary: list[str] = []
         self.times: dict[tuple, float] = {}
         self.design_times: dict[tuple, float] = {}   # (preset, op, T, variant name) -> p50 us
+        self.design_same: dict[tuple, str] = {}      # (preset, op, T, variant name) -> the variant it launches as
         self.default_design = default_design()         # the launchers' TUNING["design"] at the start
         self.design_lines: list[str] = []               # design_summary's table, printed last
 
@@ -488,13 +543,14 @@ def stage_diagnostics(R: Runner, preset: str, t: int) -> list[dict]:
         R.summary.append(f"stage {stage:<26} {preset:<5} T={t:<5} max_rel={value:.2e} "
                          f"(target {target:.0e}) {'ok' if ok else 'FAIL'}")
 
-    for n_mix, fn in ((24, c["fn"]), (4, c["head_fn"])):
-        for splits in sorted({1, mhc_pre.gemm_splits(t, 4 * d, r.device)}):
+    for n_mix, fn, tile in ((24, c["fn"], 64), (24, c["fn"], 128), (4, c["head_fn"], 64)):
+        for splits in sorted({1, mhc_pre.gemm_splits(t, 4 * d, r.device, tile)}):
             mp = torch.full((splits, t, n_mix), float("nan"), device=dev)
             sq = torch.full((splits, t), float("nan"), device=dev)
-            mhc_pre.prenorm_gemm_kernel(4 * d, n_mix, arch)(r.view(t, -1), fn, mp, sq)
-            add(f"prenorm_gemm{n_mix}.mix", rel(mp.sum(0), x64 @ fn.double().T), 1e-5, n_splits=splits)
-            add(f"prenorm_gemm{n_mix}.sumsq", rel(sq.sum(0), x64.pow(2).sum(-1)), 1e-5, n_splits=splits)
+            mhc_pre.prenorm_gemm_kernel(4 * d, n_mix, arch, block_tokens=tile)(r.view(t, -1), fn, mp, sq)
+            name = f"prenorm_gemm{n_mix}" + ("_bt128" if tile == 128 else "")
+            add(f"{name}.mix", rel(mp.sum(0), x64 @ fn.double().T), 1e-5, n_splits=splits)
+            add(f"{name}.sumsq", rel(sq.sum(0), x64.pow(2).sum(-1)), 1e-5, n_splits=splits)
     # epilogue fed the exact partials (one split) -> compare with the fp32 reference given the same mixes
     mixes = (x64 @ c["fn"].double().T).float().unsqueeze(0).contiguous()
     sqs = x64.pow(2).sum(-1).float().unsqueeze(0).contiguous()
@@ -623,12 +679,14 @@ def time_case(R: Runner, preset: str, op: str, t: int, backend: str, fn: Callabl
     return [rec]
 
 
-def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None, tk_ok=None) -> list[dict]:
+def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None, tk_ok=None,
+                 variants=None) -> list[dict]:
     """Step 1b (issue #6): (1) at STAGE_TOKENS each kernel of the two-pass design alone (where its time goes);
     (2) mhc_pre / mhc_fused_post_pre / hc_head under every TUNING variant of VARIANTS (variant "design:<name>";
     CUDA-graph replay for T <= GRAPH_MAX_T, CUDA events with L2 flush above). A variant that resolves to a
     configuration already timed at this (preset, op, T) -- e.g. l2_chunked with T within one chunk -- gets a
     "same_as" record instead of a second timing. ``design_ok[(op, design)]``: its subprocess smoke passed.
+    ``variants``: the names of VARIANTS to time (``--designs``), in VARIANTS order (the default first).
     tile_kernels (``tk``) is timed in the same way at the same T, so each design's ratio to it is like for like."""
     from dsv4lab.kernels.tilelang import _mhc_common as common
 
@@ -647,26 +705,27 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
                     recs.append(R.rec(op, "tile_kernels", "design:tile_kernels", preset, t, "error", None, None,
                                       message=f"{type(e).__name__}: {str(e)[:400]}"))
     if t in STAGE_TOKENS and R.dev == "cuda":
-        with tuning(design="two_pass"):
+        with tuning(**VARIANTS[DEFAULT_VARIANT]):   # the default's kernels, each alone
             recs += _stage_times(R, preset, t, c, peaks, t == 1)
     timed: dict[tuple, str] = {}
-    for vname, over in VARIANTS.items():
-        with tuning(**over):
+    for vname in (variants if variants is not None else list(VARIANTS)):
+        with tuning(**VARIANTS[vname]):
             resolved = common.design_for(t, d)
-            key = launch_key(d, t)
             for op in DESIGN_OPS:
                 if vname in OVERLAP_VARIANTS and op not in OVERLAP_OPS:
                     continue   # hc_head: identical launches to two_pass / l2_chunked
+                key = launch_key(d, t, 4 if op == "hc_head" else 24)
                 base_rec = dict(design=vname, resolved_design=resolved, default_design=R.default_design,
-                                tuning=dict(common.TUNING))
-                smoked = vname if vname in SMOKED_VARIANTS else resolved   # "auto" -> the design it resolves to
-                if (resolved != "two_pass" or vname in SMOKED_VARIANTS) and not design_ok.get((op, smoked), False):
+                                tuning=dict(common.TUNING), gemm_block_tokens=key[-1])
+                smoked = vname if (op, vname) in design_ok else resolved   # "auto" -> the design it resolves to
+                if not design_ok.get((op, smoked), False):
                     recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "unavailable", None, None,
                                       reason=f"{smoked} failed to load or its subprocess smoke test", **base_rec))
                     continue
                 if (op, key) in timed:
                     recs.append(R.rec(op, "tilelang", f"design:{vname}", preset, t, "same_as", None,
                                       timed[(op, key)], **base_rec))
+                    R.design_same[(preset, op, t, vname)] = timed[(op, key)]
                     continue
                 try:
                     rec = time_case(R, preset, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, graph,
@@ -686,17 +745,20 @@ def design_sweep(R: Runner, preset: str, t: int, peaks, design_ok: dict, tk=None
     return recs
 
 
-def launch_key(d: int, t: int) -> tuple:
-    """What the launchers run for hidden size ``d`` and T = ``t`` under the current TUNING: variants with equal keys
-    launch the same kernels (the sweep and the 1b numerics check each key once)."""
+def launch_key(d: int, t: int, n_mix: int = 24) -> tuple:
+    """What the launchers run for hidden size ``d``, T = ``t`` and an ``n_mix``-row GEMM (24: mhc_pre and the fused
+    op, 4: hc_head) under the current TUNING: variants with equal keys launch the same kernels (the sweep and the
+    1c numerics check each key once). The last entry is the GEMM token tile (None: no GEMM)."""
     from dsv4lab.kernels.tilelang import _mhc_common as common
     from dsv4lab.kernels.tilelang import _mhc_onepass as onepass
 
     resolved = common.design_for(t, d)
+    chunk = common.chunk_tokens(d) if resolved == "l2_chunked" else None
     return (resolved, (onepass.block_tokens(d), common.onepass_cluster(d)) if resolved == "one_pass" else None,
-            common.chunk_tokens(d) if resolved == "l2_chunked" else None,
-            bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t",   # the pre epilogue (small_t: v3)
-            common.TUNING["gemm_block_tokens"] if resolved != "small_t" else None)   # small_t has no GEMM
+            chunk,
+            n_mix == 24 and (bool(common.TUNING["overlap_epilogue"]) or resolved == "small_t"),   # pre epilogue v3
+            None if resolved in ("small_t", "one_pass")   # no prenorm GEMM; l2_chunked: the tile of a full chunk
+            else common.gemm_block_tokens(min(t, chunk) if chunk else t, n_mix))
 
 
 def _stage_times(R: Runner, preset: str, t: int, c: dict, peaks, graph: bool) -> list[dict]:
@@ -711,17 +773,20 @@ def _stage_times(R: Runner, preset: str, t: int, c: dict, peaks, graph: bool) ->
     arch = common.device_arch()
     tpb = common.tokens_per_block(t, common.sm_count(0))
     for n_mix, fn, name in ((24, c["fn"], "prenorm_gemm24"), (4, c["head_fn"], "prenorm_gemm4")):
-        s = mhc_pre.gemm_splits(t, 4 * d, dev)
+        tile = common.gemm_block_tokens(t, n_mix)
+        s = mhc_pre.gemm_splits(t, 4 * d, dev, tile)
         mp, sq = torch.empty(s, t, n_mix, device=dev), torch.empty(s, t, device=dev)
-        k = mhc_pre.gemm_kernel(4 * d, n_mix, dev)
+        k = mhc_pre.gemm_kernel(4 * d, n_mix, dev, tile)
         recs += time_case(R, preset, "mhc_pre" if n_mix == 24 else "hc_head", t, "tilelang",
-                          lambda: k(r.view(t, -1), fn, mp, sq), peaks, graph, keep=False, stage=name, n_splits=s)
+                          lambda: k(r.view(t, -1), fn, mp, sq), peaks, graph, keep=False, stage=name, n_splits=s,
+                          gemm_block_tokens=tile)
         if n_mix == 24:
             li, po, co = torch.empty(t, d, dtype=torch.bfloat16, device=dev), torch.empty(t, 4, device=dev), \
                 torch.empty(t, 4, 4, device=dev)
             recs += time_case(R, preset, "mhc_pre", t, "tilelang", lambda: mhc_pre.run_pre_epilogue(
                 mp, sq, r, c["scale"], c["base"], c["norm_weight"], (RMS_EPS, HC_EPS, POST_MULT, ITERS), li, po, co),
-                peaks, graph, keep=False, stage="pre_epilogue", n_splits=s, tokens_per_block=tpb)
+                peaks, graph, keep=False, stage="pre_epilogue", n_splits=s, tokens_per_block=tpb,
+                epilogue=mhc_pre.pre_epilogue_design(s))
         else:
             out = torch.empty(t, d, dtype=torch.bfloat16, device=dev)
             ek = hc_head.head_epilogue_kernel(d, arch, RMS_EPS, HC_EPS, mhc_pre.epilogue_design(s))
@@ -738,14 +803,15 @@ def _stage_times(R: Runner, preset: str, t: int, c: dict, peaks, graph: bool) ->
     return recs
 
 
-def design_summary(R: Runner, presets, tokens) -> list[dict]:
-    """Per (preset, op, T): the fastest design of the sweep, its speedup over two_pass and its ratio to
-    tile_kernels (timed alike); printed as a table with a per-op recommendation for small (T <= 256, graph
-    replay) and large (T >= 1024) T. Records: metric "best_design" (value = variant name)."""
-    names = list(VARIANTS)
+def design_summary(R: Runner, presets, tokens, names=None) -> list[dict]:
+    """Per (preset, op, T): the fastest design of the sweep, its speedup over two_pass (the launcher default before
+    the 42be99d H100 run) and its ratio to tile_kernels (timed alike); printed as a table ("=name": same launches
+    as variant name) with a per-op recommendation for small (T <= 256, graph replay) and large (T >= 1024) T.
+    Records: metric "best_design" (value = variant name)."""
+    names = list(VARIANTS) if names is None else list(names)
     recs, lines = [], [f"\ndesign comparison (us, p50; graph replay for T <= {GRAPH_MAX_T}; launcher default: "
-                        f"{R.default_design!r})",
-                        f"{'preset':<6} {'op':<19} {'T':>6} " + " ".join(f"{n[:15]:>15}" for n in names)
+                        f"{R.default_design!r}; two_pass = the default before)",
+                        f"{'preset':<6} {'op':<19} {'T':>6} " + " ".join(f"{n[:17]:>17}" for n in names)
                         + f" {'tile_kernels':>12} {'best':>15} {'x two_pass':>10} {'x tk':>6}"]
     votes: dict[tuple, dict] = {}
     for p in presets:
@@ -757,9 +823,11 @@ def design_summary(R: Runner, presets, tokens) -> list[dict]:
                     continue
                 best = min(timed, key=timed.get)
                 tkt = R.design_times.get((p, op, t, "tile_kernels"))
-                two = got.get("two_pass")
+                two = got.get("two_pass") or R.design_times.get((p, op, t, R.design_same.get((p, op, t, "two_pass"))))
                 f = lambda x: f"{x:.1f}" if x else "-"   # noqa: E731
-                lines.append(f"{p:<6} {op:<19} {t:>6} " + " ".join(f"{f(got[n]):>15}" for n in names)
+                cell = lambda n: f(got[n]) if got[n] else (   # noqa: E731
+                    "=" + R.design_same[(p, op, t, n)][:16] if (p, op, t, n) in R.design_same else "-")
+                lines.append(f"{p:<6} {op:<19} {t:>6} " + " ".join(f"{cell(n):>17}" for n in names)
                              + f" {f(tkt):>12} {best:>15} {(f'{two / timed[best]:.2f}' if two else '-'):>10} "
                              f"{(f'{tkt / timed[best]:.2f}' if tkt else '-'):>6}")
                 recs.append(R.rec(op, "tilelang", "design:best", p, t, "best_design", None, best,
@@ -782,6 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds from the start; the rest is skipped")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="override the timing T list")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--designs", default=None,
+                    help=f"comma list restricting the design sweep (and its warm-up / smoke / numerics) to these of "
+                         f"{', '.join(VARIANTS)}, tile_kernels; default: all. The launcher default "
+                         f"({DEFAULT_VARIANT}) gets its numerics and graph checks in any case")
     ap.add_argument("--warm-job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-warm", action="store_true", help="skip the parallel warm-up (compile in-process)")
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -793,6 +865,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required")
+    try:
+        sweep_variants, want_tk = parse_designs(args.designs)
+    except ValueError as e:
+        ap.error(str(e))
+    restricted = args.designs is not None
 
     import torch
     from tqdm import tqdm
@@ -816,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
 
         install(setattr)
     call_tl = tilelang_call
+    if R.default_design != DEFAULT_VARIANT:
+        print(f"WARNING: the launchers' TUNING is {R.default_design!r}, not DEFAULT_VARIANT {DEFAULT_VARIANT!r}")
     tokens = args.tokens or ([1, 4] if dry else TOKENS)
     torch_tokens = [1] if dry else TORCH_TOKENS
     tk_tokens = TK_TOKENS
@@ -835,10 +914,11 @@ def main(argv: list[str] | None = None) -> int:
             R.save([R.rec("-", "-", "peaks", None, None, "error", None, None, message=f"{type(e).__name__}: {e}")])
     available = {op: True for op in OPS}
     design_ok = {(op, v): True for op in DESIGN_OPS for v in SMOKED_VARIANTS   # (op, variant): smoke passed
-                 if v not in OVERLAP_VARIANTS or op in OVERLAP_OPS}
+                 if v in sweep_variants and (v not in OVERLAP_VARIANTS or op in OVERLAP_OPS)}
+    kinds = warm_kinds(sweep_variants, restricted)
     if not dry:
         if not args.no_warm:
-            jobs = [j for j in warm_jobs() if not j.startswith("tl:") or j.split(":")[1] in args.presets]
+            jobs = warm_jobs(kinds, args.presets, tile_kernels=want_tk, torch_compile=not restricted)
             t0 = time.perf_counter()
             try:
                 warm = launch_warm_jobs(jobs, timeout=min(80.0, R.left() - 40))
@@ -850,11 +930,8 @@ def main(argv: list[str] | None = None) -> int:
                               "s" if "seconds" in w else None, w.get("seconds"), message=w.get("error"))])
                 if "error" in w:
                     print(f"  warm {j}: {w['error']}")
-        needs = {"mhc_pre": ("gemm24", "pre_epi"), "mhc_post": ("post",), "mhc_fused_post_pre": ("fused", "pre_epi"),
-                 "hc_head": ("gemm4", "head_epi")}
         for p in args.presets:
-            for kind in ("gemm24", "gemm4", "fused", "pre_epi", "head_epi", "post") + VARIANT_KERNELS + tuple(
-                    OVERLAP_KERNELS):
+            for kind in kinds:
                 t0 = time.perf_counter()
                 try:
                     tl_kernel(p, kind)
@@ -863,16 +940,17 @@ def main(argv: list[str] | None = None) -> int:
                     msg = f"{type(e).__name__}: {str(e)[:500]}"
                     print(f"  TileLang {kind} ({p}) FAILED: {msg}")
                     R.save([R.rec(kind, "tilelang", "load", p, None, "error", None, None, message=msg)])
-                    for op, ks in needs.items():
-                        if kind in ks and kind not in OVERLAP_KERNELS:
+                    for op, ks in DEFAULT_KERNELS.items():
+                        if kind in ks:
                             available[op] = False
                     for v in OVERLAP_KERNELS.get(kind, ()):
                         for op in OVERLAP_OPS:
-                            design_ok[(op, v)] = False
+                            if (op, v) in design_ok:
+                                design_ok[(op, v)] = False
                     if kind in VARIANT_KERNELS:   # onepass_pre -> mhc_pre, ...
                         op = {"pre": "mhc_pre", "fused": "mhc_fused_post_pre", "head": "hc_head"}[kind.split("_")[1]]
                         for v in SMOKED_VARIANTS:
-                            if VARIANTS[v]["design"] == "one_pass":
+                            if VARIANTS[v]["design"] == "one_pass" and (op, v) in design_ok:
                                 design_ok[(op, v)] = False
         # each op once in its own process first (T up to 4096): an illegal access or a hang there marks
         # the op unavailable instead of killing this process's CUDA context (and every later measurement)
@@ -901,11 +979,13 @@ def main(argv: list[str] | None = None) -> int:
                 available[op] = False
         for (op, d) in design_ok:
             design_ok[(op, d)] = design_ok[(op, d)] and available[op]
-        print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}; "
-              f"new designs usable: {design_ok}")
+    for op in DESIGN_OPS:   # the default was smoke-tested as the op itself
+        design_ok[(op, DEFAULT_VARIANT)] = available[op]
+    print(f"kernels ready after {time.perf_counter() - R.t_start:.1f} s; available: {available}; "
+          f"designs usable: {design_ok}")
     tk, tk_error = None, None
     try:
-        tk = TileKernelsPeer() if not dry else None
+        tk = TileKernelsPeer() if not dry and want_tk else None
         if tk:
             R.save([R.rec("-", "tile_kernels", "api", None, None, "tk_semantics", None, tk.api, notes=tk.notes + [
                 "pre: no RMSNorm weight on layer_input", "fused_post_pre: its post then its pre (two calls)",
@@ -923,9 +1003,32 @@ def main(argv: list[str] | None = None) -> int:
                     "flash", 4, R.dev)) is not None)], op=op, backend="tile_kernels")[0].get("value"))
         print(f"tile_kernels ops usable: {tk_ok}")
 
-    # ---- 1b. issue #6 first (the budget cuts the tail): numerics of the new designs where the smoke passed --
+    # ---- 1a. the launcher default FIRST (the budget cuts the tail): numerics, then eager/graph bitwise ----------
     from dsv4lab.config import get_config
 
+    impl_tl = lambda op, c: call_tl(op, c)   # noqa: E731
+    for p in args.presets:
+        for op in OPS:
+            if not available[op]:
+                continue
+            for t in numerics_tokens:
+                R.guarded(f"numerics {op} {p} T={t}", lambda op=op, t=t, p=p: numerics_case(
+                    R, p, op, t, impl_tl, "tilelang" if not dry else "tilelang(emulated)"),
+                    op=op, preset=p, tokens=t, min_left=10)
+            for t in (() if dry else DEFAULT_GRAPH_TOKENS):
+                R.guarded(f"graph/determinism {op} {p} T={t}", lambda op=op, t=t, p=p: graph_and_determinism(
+                    R, p, op, t), op=op, preset=p, tokens=t, min_left=10)
+    R.guarded("T=0", lambda: empty_tokens(R, "flash"), preset="flash", tokens=0, min_left=10)
+
+    # ---- 1b. the designs timed against each other (and tile_kernels), before the long sweeps -------------------
+    for t in variant_tokens:
+        for p in args.presets:
+            R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, design_ok, tk,
+                                                                              tk_ok, sweep_variants),
+                      preset=p, tokens=t, min_left=15)
+    R.save(design_summary(R, args.presets, variant_tokens, sweep_variants))
+
+    # ---- 1c. numerics + eager/graph bitwise of the other variants (where the smoke passed) --------------------
     numerics_seen: dict[tuple, str] = {}
     for p in args.presets:
         for (op, design), ok in design_ok.items():
@@ -935,9 +1038,10 @@ def main(argv: list[str] | None = None) -> int:
                 R.save([R.rec(op, "tilelang", f"design:{design}", p, None, "unavailable", None, None, design=design,
                               reason="failed to compile/load or its subprocess smoke test")])
                 continue
+            n_mix = 4 if op == "hc_head" else 24
             for t in design_numerics_tokens:
                 with tuning(**VARIANTS[design]):
-                    key = (op, p, t, launch_key(get_config(p).hidden_size, t))
+                    key = (op, p, t, launch_key(get_config(p).hidden_size, t, n_mix))
                 if key in numerics_seen:   # the same launches as a variant already checked at this T
                     R.save([R.rec(op, "tilelang", f"design:{design}", p, t, "same_as", None, numerics_seen[key],
                                   design=design, what="numerics")])
@@ -947,10 +1051,10 @@ def main(argv: list[str] | None = None) -> int:
                     with tuning(**VARIANTS[design]):
                         return numerics_case(R, p, op, t, tilelang_call,
                                              "tilelang" if not dry else "tilelang(emulated)", design=design)
-                R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=40)
+                R.guarded(f"numerics {op} [{design}] {p} T={t}", case, op=op, preset=p, tokens=t, min_left=20)
             for t in (() if dry else (1, 1000) if design in NEW_DESIGNS else (1, 70)):
                 with tuning(**VARIANTS[design]):
-                    key = ("graph", op, p, t, launch_key(get_config(p).hidden_size, t))
+                    key = ("graph", op, p, t, launch_key(get_config(p).hidden_size, t, n_mix))
                 if key in numerics_seen:
                     continue
                 numerics_seen[key] = design
@@ -958,39 +1062,20 @@ def main(argv: list[str] | None = None) -> int:
                     with tuning(**VARIANTS[design]):
                         return graph_and_determinism(R, p, op, t, design)
                 R.guarded(f"graph/determinism {op} [{design}] {p} T={t}", bitwise, op=op, preset=p, tokens=t,
-                          min_left=40)
+                          min_left=20)
 
-    # ---- 1c. the designs timed against each other (and tile_kernels), before the long sweeps -------------------
-    for t in variant_tokens:
-        for p in args.presets:
-            R.guarded(f"design sweep {p} T={t}", lambda t=t, p=p: design_sweep(R, p, t, peaks, design_ok, tk,
-                                                                              tk_ok), preset=p, tokens=t, min_left=15)
-    R.save(design_summary(R, args.presets, variant_tokens))
-
-    # ---- 1. stage diagnostics ------------------------------------------------------------------------------
+    # ---- 2. stage diagnostics, tile_kernels' numerics --------------------------------------------------
     for t in ((3, 70) if dry else (3, 1000)):
         R.guarded(f"stage diagnostics T={t}", lambda t=t: stage_diagnostics(R, "flash", t), preset="flash",
                   tokens=t, min_left=60)
-    R.guarded("T=0", lambda: empty_tokens(R, "flash"), preset="flash", tokens=0, min_left=60)
-
-    # ---- 2. numerics ---------------------------------------------------------------------------------------
-    impl_tl = lambda op, c: call_tl(op, c)   # noqa: E731
     for p in args.presets:
         for op in OPS:
-            for t in numerics_tokens:
-                if available[op]:
-                    R.guarded(f"numerics {op} {p} T={t}", lambda op=op, t=t, p=p: numerics_case(
-                        R, p, op, t, impl_tl, "tilelang" if not dry else "tilelang(emulated)"),
-                        op=op, preset=p, tokens=t, min_left=55)
-                if tk and tk_ok.get(op) and t in (3, 1000):
+            for t in (3, 1000):
+                if tk and tk_ok.get(op):
                     R.guarded(f"numerics tile_kernels {op} {p} T={t}", lambda op=op, t=t, p=p: numerics_case(
                         R, p, op, t, lambda o, c: tk.call(o, c), "tile_kernels", norm=op == "hc_head",
                         semantics="tile_kernels: no norm weight" if op != "hc_head" else "dsv4"),
                         op=op, backend="tile_kernels", preset=p, tokens=t, min_left=55)
-            if not dry and available[op]:
-                for t in (1, 1000):
-                    R.guarded(f"graph/determinism {op} {p} T={t}", lambda op=op, t=t, p=p: graph_and_determinism(
-                        R, p, op, t), op=op, preset=p, tokens=t, min_left=50)
 
     # ---- 3. the refactor on the GPU (before the long timing sweep) -----------------------------------------
     R.guarded("refactor run", lambda: refactor.run("cpu" if dry else "cuda", quick=True, preset="flash"),
@@ -1005,16 +1090,16 @@ def main(argv: list[str] | None = None) -> int:
             for op in OPS:
                 if available[op]:
                     R.guarded(f"time tilelang {op} {p} T={t}", lambda: time_case(
-                        R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, False), op=op, preset=p,
-                        tokens=t, min_left=5)
+                        R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, False,
+                        design=R.default_design), op=op, preset=p, tokens=t, min_left=5)
                     if op in ("mhc_pre", "mhc_fused_post_pre") and t >= 1024:
                         R.guarded(f"time tilelang {op} nonorm {p} T={t}", lambda: time_case(
                             R, p, op, t, "tilelang", lambda: tilelang_call(op, c, norm=False), peaks, False,
-                            norm_weight=False), op=op, preset=p, tokens=t, min_left=5)
+                            norm_weight=False, design=R.default_design), op=op, preset=p, tokens=t, min_left=5)
                     if t <= GRAPH_MAX_T and not dry:
                         R.guarded(f"graph tilelang {op} {p} T={t}", lambda: time_case(
-                            R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, True), op=op,
-                            preset=p, tokens=t, min_left=5)
+                            R, p, op, t, "tilelang", lambda: tilelang_call(op, c), peaks, True,
+                            design=R.default_design), op=op, preset=p, tokens=t, min_left=5)
                 if tk and tk_ok.get(op) and t in tk_tokens:
                     R.guarded(f"time tile_kernels {op} {p} T={t}", lambda: time_case(
                         R, p, op, t, "tile_kernels", lambda: tk.call(op, c), peaks, False,

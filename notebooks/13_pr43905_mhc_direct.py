@@ -291,15 +291,20 @@ except ImportError:
     explore()
 
 # %% [markdown]
-# ## Kernel designs (issue #6): two_pass, one_pass, l2_chunked
+# ## Kernel designs (issue #6): two_pass, one_pass, l2_chunked, and the latency variants
 #
 # `mhc_pre`, `mhc_fused_post_pre` and `hc_head` have three launcher designs (`_mhc_common.TUNING["design"]`):
 # **two_pass** (split-K prenorm GEMM, then an epilogue that re-reads R: ~18TD bytes at large T), **one_pass**
 # (a cluster of 8 CTAs keeps a token tile's R in shared memory, exchanges partial mixes through distributed shared
 # memory: 10TD bytes, one launch, but fn -- 48 tokens' worth of bytes -- is re-read from L2 per 16-32-token tile)
-# and **l2_chunked** (two_pass per 16 MB chunk of R, so the re-read hits L2; more launches). The H100 bench times
-# all of them in one run (variant `design:<name>`, CUDA-graph replay for T <= 256); the table below shows the
-# stored comparison, with tile_kernels timed alike, when the records exist.
+# and **l2_chunked** (two_pass per 16 MB chunk of R, so the re-read hits L2; more launches). For mhc_pre and the
+# fused op's pre half, the latency variants of `_mhc_overlap` add the **v3 epilogue** (one CTA per token, Sinkhorn
+# on warp 0 overlapped with the collapse; `*_v3`), the opt-in **small_t** design (FMA split-K projection + v3, T <= 32;
+# above it falls back to two_pass + v3) and a **128-token GEMM tile** (`*_bt128`). The H100 bench times them in one
+# run (variant `design:<name>`, CUDA-graph replay for T <= 256); the table below shows the stored comparison, with
+# tile_kernels timed alike, when the records exist. Labels keep their meaning across runs: `design:two_pass` is the
+# launcher default up to the run at commit 42be99d (v1/v2 epilogue, 64-token tile); `design:two_pass_v3_auto` is
+# the default since (two_pass, v3 epilogue, 128-token tile from T = 4096 on, `_mhc_common.gemm_block_tokens`).
 
 # %%
 des = stored[stored["variant"].astype(str).str.startswith("design:") & (stored["metric"] == "time")] \
@@ -307,7 +312,7 @@ des = stored[stored["variant"].astype(str).str.startswith("design:") & (stored["
 if len(des):
     table = des.pivot_table(index=["preset", "op", "tokens"], columns="variant", values="value", aggfunc="last")
     dd = stored["default_design"].dropna() if "default_design" in stored else []
-    print(f"p50 us per design (launcher default in that run: {dd.iloc[-1] if len(dd) else 'two_pass'})")
+    print(f"p50 us per design (launcher default in the latest run: {dd.iloc[-1] if len(dd) else 'two_pass'})")
     display(table.round(1))
 else:
     print("no stored design-comparison records yet: run bench/pr43905_mhc_direct.py on the H100")
@@ -328,5 +333,8 @@ else:
 #   bounded near 55 % by design, and the comparison that matters there is tile_kernels, which reads R twice too.
 # * **The designs** (issue #6): one_pass removes the second read of R and one launch, which is what T = 1 latency
 #   and mid-size T need; at large T its fn traffic from L2 (48/BT x the residual bytes) competes with the saved HBM
-#   read, and l2_chunked trades launches for L2 hits. The design table above says which wins where; the launcher
-#   default is switched only on those measurements.
+#   read, and l2_chunked trades launches for L2 hits. In the 42be99d H100 run (table above) neither beat two_pass
+#   for mhc_pre / the fused op; the v3 epilogue did at every T, and the 128-token GEMM tile from T = 4096 on (at
+#   T = 1024 it tied or lost), so those became the launcher default; small_t lost to two_pass + v3 at T <= 16 and
+#   stays opt-in; hc_head keeps two_pass. The numerics and eager/graph bitwise records of the new default come from
+#   the run after that switch (step 1a of the bench).

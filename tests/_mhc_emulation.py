@@ -107,7 +107,8 @@ def install(setattr_) -> None:
     (pytest's ``monkeypatch.setattr``, or ``setattr`` for a whole process)."""
     setattr_(common, "check_cuda_layout", layout_without_device)
     setattr_(common, "sm_count", lambda index: 132)
-    gemm = lambda nd, n_mix, arch, **kw: Emulated(tl_pre.prenorm_gemm_func(nd, n_mix), emu_gemm)   # noqa: E731
+    def gemm(nd, n_mix, arch, block_tokens=64, stages=tl_pre.GEMM_STAGES):   # the prim_func of the requested tile
+        return Emulated(tl_pre.prenorm_gemm_func(nd, n_mix, block_tokens, stages), emu_gemm)
     setattr_(tl_pre, "prenorm_gemm_kernel", gemm)   # hc_head reaches it through mhc_pre.gemm_kernel
     setattr_(tl_pre, "pre_epilogue_kernel", lambda d, arch, nd, re, he, pm, it, design="v2": Emulated(
         tl_pre.pre_epilogue_func(d, nd, re, he, pm, it, design), emu_pre_epilogue(nd, re, he, pm, it)))

@@ -42,6 +42,14 @@ def test_prenorm_gemm_uses_bf16_wgmma_with_tma() -> None:
 
 
 @needs_compiler
+def test_prenorm_gemm_128_token_tile() -> None:
+    """The default's GEMM from T = 4096 on: 128-token TMA tiles, still m64n80k16 wgmmas (two per K step)."""
+    src = tl_pre.prenorm_gemm_kernel(4 * D_TOY, 24, ARCH, block_tokens=128).get_kernel_source()
+    assert "kFloat32, 64, 80, 16" in src and "tma_load" in src
+    assert "((int)blockIdx.y) * 128)" in src and "((int)blockIdx.y) * 64)" not in src
+
+
+@needs_compiler
 def test_head_gemm_uses_n16_wgmma() -> None:
     src = tl_pre.prenorm_gemm_kernel(4 * D_TOY, 4, ARCH).get_kernel_source()
     assert "kFloat32, 64, 16, 16" in src
@@ -91,13 +99,39 @@ def test_unknown_epilogue_design_rejected() -> None:
 # ---- launch heuristics (pure Python) ------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens", [1, 3, 64, 65, 1000, 4096, 16384])
 @pytest.mark.parametrize("n_chunks", [256, 448])   # Flash nD/64, Pro nD/64
-def test_split_k_divides_and_is_bounded(tokens: int, n_chunks: int) -> None:
-    s = common.split_k(tokens, n_chunks, sms=132, max_splits=tl_pre.MAX_SPLITS)
+@pytest.mark.parametrize("tile", [64, 128])
+def test_split_k_divides_and_is_bounded(tokens: int, n_chunks: int, tile: int) -> None:
+    s = common.split_k(tokens, n_chunks, sms=132, max_splits=tl_pre.MAX_SPLITS, block_tokens=tile)
     assert 1 <= s <= tl_pre.MAX_SPLITS and n_chunks % s == 0
     assert n_chunks // s >= common.TUNING["gemm_min_chunks"]
-    tiles = -(-tokens // common.TUNING["gemm_block_tokens"])
+    tiles = -(-tokens // tile)
     if tiles >= 132:
         assert s == 1   # enough token tiles to fill the GPU: no split-K partials to reduce
+    else:   # fewer tiles: split-K brings the block count up to about one per SM (never beyond it)
+        assert tiles * s <= 132 * common.TUNING["blocks_per_sm"]
+
+
+def test_default_tuning_is_the_h100_winner() -> None:
+    """The launcher default since the 42be99d H100 run: two_pass, the v3 epilogue at every split count, the 24-mix
+    GEMM with 128-token tiles from gemm_bt128_min_tokens (4096) on and 64 below; hc_head's 4-mix GEMM stays 64."""
+    assert common.TUNING["design"] == "two_pass" and common.TUNING["overlap_epilogue"] is True
+    assert {tl_pre.pre_epilogue_design(s) for s in (1, 4, 32)} == {"v3"}
+    threshold = common.TUNING["gemm_bt128_min_tokens"]
+    assert threshold == 4096
+    for t in (1, 16, 256, 1024, threshold - 1):
+        assert common.gemm_block_tokens(t, 24) == 64
+    for t in (threshold, 16384):
+        assert common.gemm_block_tokens(t, 24) == 128
+        assert common.gemm_block_tokens(t, 4) == 64
+
+
+def test_gemm_block_tokens_forced_and_rejected(monkeypatch) -> None:
+    monkeypatch.setitem(common.TUNING, "gemm_block_tokens", 128)
+    assert common.gemm_block_tokens(1, 24) == 128 and common.gemm_block_tokens(1, 4) == 128
+    assert common.chunk_tokens(4096) % 128 == 0
+    monkeypatch.setitem(common.TUNING, "gemm_block_tokens", 96)
+    with pytest.raises(ValueError, match="gemm_block_tokens"):
+        common.gemm_block_tokens(1, 24)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 1024, 16384, 10**6])
@@ -316,6 +350,34 @@ def test_launchers_match_reference_with_emulated_kernels(tokens: int, with_norm:
 
 
 @pytest.mark.usefixtures("emulated")
+@pytest.mark.parametrize("tokens", [5, 4096])
+def test_default_path_tiles_and_epilogue(monkeypatch, tokens: int) -> None:
+    """The default path end to end on emulated kernels: mhc_pre and the fused op build their 24-mix GEMM with the
+    tile of ``gemm_block_tokens`` (128 at T = 4096, 64 at T = 5) and launch only the v3 epilogue; hc_head's GEMM
+    keeps 64 and its own epilogue; results match the reference."""
+    from dsv4lab.kernels.reference import mhc as ref
+
+    builds, epilogues = [], []
+    gemm, epi = tl_pre.prenorm_gemm_kernel, tl_pre.pre_epilogue_kernel
+    monkeypatch.setattr(tl_pre, "prenorm_gemm_kernel", lambda nd, n_mix, arch, block_tokens=64, **kw: (
+        builds.append((n_mix, block_tokens)) or gemm(nd, n_mix, arch, block_tokens=block_tokens, **kw)))
+    monkeypatch.setattr(tl_pre, "pre_epilogue_kernel", lambda *a: epilogues.append(a[-1]) or epi(*a))
+    residual, fn, scale, base, w = _pre_args(tokens)
+    f, _, post, comb = _post_args(tokens)
+    for got, want in zip(tl_pre.mhc_pre(residual, fn, scale, base, w), ref.mhc_pre(residual, fn, scale, base, w)):
+        _close(got, want)
+    got = tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)
+    for g, want in zip(got, ref.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)):
+        _close(g, want)
+    head_fn = torch.randn(4, 4 * D_TOY) / (4 * D_TOY) ** 0.5
+    _close(tl_head.hc_head(residual, head_fn, torch.ones(1), torch.zeros(4)),
+           ref.hc_head(residual, head_fn, torch.ones(1), torch.zeros(4)))
+    tile = 128 if tokens >= 4096 else 64
+    assert builds == [(24, tile), (24, tile), (4, 64)]
+    assert epilogues == ["v3", "v3"]
+
+
+@pytest.mark.usefixtures("emulated")
 def test_launchers_pro_width_single_token() -> None:
     """D = 7168 (Pro): 448 K-chunks, so the split count must divide 448 (not a power of two)."""
     from dsv4lab.kernels.reference import mhc as ref
@@ -335,6 +397,7 @@ def test_fused_and_epilogue_designs_match_reference(monkeypatch, fused: str, epi
 
     monkeypatch.setitem(common.TUNING, "fused", fused)
     monkeypatch.setitem(common.TUNING, "epilogue", epilogue)
+    monkeypatch.setitem(common.TUNING, "overlap_epilogue", False)   # the v1 / v2 epilogues (default: v3)
     residual, fn, scale, base, w = _pre_args(37)
     f, _, post, comb = _post_args(37)
     got = tl_fused.mhc_fused_post_pre(f, residual, post, comb, fn, scale, base, w)

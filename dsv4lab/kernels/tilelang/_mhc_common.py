@@ -29,7 +29,8 @@ NORM_WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
 
 # Launch heuristics; the bench may override them (e.g. TUNING["tokens_per_block_max"] = 1).
 TUNING = {
-    "gemm_block_tokens": 64,      # token tile of the prenorm GEMM (one wgmma warpgroup: M = 64)
+    "gemm_block_tokens": "auto",  # token tile of the prenorm GEMM: 64 | 128 | "auto" (gemm_block_tokens())
+    "gemm_bt128_min_tokens": 4096,  # "auto": 128-token tiles for the 24-mix GEMM from this T on
     "gemm_stages": 4,             # TMA pipeline depth of the prenorm GEMM
     "gemm_min_chunks": 2,         # fewest K-chunks (64 each) a split-K block handles, so its pipeline overlaps
     "blocks_per_sm": 1,           # the GEMM runs 1 block per SM (warp-specialised, 255 registers at launch)
@@ -55,9 +56,10 @@ TUNING = {
     #                 collapse); mhc_pre and the pre half of the fused op only (hc_head: two_pass). Above: two_pass.
     "design": "two_pass",
     "small_t_max_tokens": 32,      # small_t: the largest T it handles (then two_pass)
-    # mhc_pre epilogue (issue #6, opt-in): True = "v3" (_mhc_overlap: one CTA per token, Sinkhorn lane-parallel on
-    # warp 0 while warps 1-7 collapse) in two_pass / l2_chunked; False = TUNING["epilogue"] (v1 / v2)
-    "overlap_epilogue": False,
+    # mhc_pre epilogue (issue #6; default since the H100 run at 42be99d, see gemm_block_tokens()): True = "v3"
+    # (_mhc_overlap: one CTA per token, Sinkhorn lane-parallel on warp 0 while warps 1-7 collapse) in two_pass /
+    # l2_chunked; False = TUNING["epilogue"] (v1 / v2, the default before)
+    "overlap_epilogue": True,
     "onepass_cluster": 8,          # CTAs per cluster (D split); 8 = the portable maximum
     "onepass_block_tokens": 0,     # tokens per cluster; 0 = auto (32 for D <= 4096, else 16)
     "onepass_max_tokens": 256,     # "auto": one_pass up to this T
@@ -78,9 +80,32 @@ def onepass_cluster(d: int) -> int | None:
     return None
 
 
+GEMM_TILES = (64, 128)   # token tiles the prenorm GEMM is built with (wgmma M = 64 per warpgroup step)
+
+
+def gemm_block_tokens(tokens: int, n_mix: int) -> int:
+    """Token tile of the prenorm GEMM launched over ``tokens`` tokens with ``n_mix`` rows of fn.
+
+    TUNING["gemm_block_tokens"] 64 or 128 forces a tile; "auto" (default) is the per-T winner of the H100 design
+    sweep at commit 42be99d (data/results/h100/pr43905_mhc_direct.jsonl, graph replay / CUDA events p50, v3
+    epilogue both ways): 128 from ``gemm_bt128_min_tokens`` (4096) on for the 24-mix GEMM of mhc_pre and the
+    fused op's pre half -- Flash mhc_pre 127.4 vs 135.4 us at T = 4096, 427.2 vs 486.0 at 16384; Pro 206.8 vs
+    226.9 and 752.5 vs 846.8 -- and 64 below: at T = 1024 the 128 tile lost on Flash mhc_pre (124.0 vs 115.9 us)
+    and tied elsewhere (Pro pre 121.3 both; fused 253.3 / 253.5, 227.3 / 228.9), at T <= 256 a 128-row tile is
+    mostly padding. T between 1024 and 4096 was not measured. hc_head's 4-mix GEMM keeps 64 (not swept)."""
+    forced = TUNING["gemm_block_tokens"]
+    if forced != "auto":
+        if forced not in GEMM_TILES:
+            raise ValueError(f"TUNING['gemm_block_tokens']: expected one of {GEMM_TILES} or 'auto', got {forced!r}")
+        return forced
+    return 128 if n_mix == (2 + HC_MULT) * HC_MULT and tokens >= TUNING["gemm_bt128_min_tokens"] else 64
+
+
 def chunk_tokens(d: int) -> int:
-    """l2_chunked: tokens per chunk, a multiple of the GEMM token tile, ``l2_chunk_mb`` of residual (8 D bytes each)."""
-    tile = TUNING["gemm_block_tokens"]
+    """l2_chunked: tokens per chunk, ``l2_chunk_mb`` of residual (8 D bytes each), a multiple of the forced GEMM
+    token tile, or of the smallest one under "auto" (16 MB chunks, 512 Flash / 256 Pro tokens, get 64)."""
+    forced = TUNING["gemm_block_tokens"]
+    tile = forced if forced != "auto" else min(GEMM_TILES)
     return max(tile, int(TUNING["l2_chunk_mb"] * 2 ** 20) // (8 * d) // tile * tile)
 
 
@@ -185,11 +210,11 @@ def sm_count(device_index: int) -> int:
 
 
 # ---- launch heuristics ------------------------------------------------------------------------------------
-def split_k(tokens: int, n_chunks: int, sms: int, max_splits: int) -> int:
-    """Number of split-K blocks per token tile for the prenorm GEMM: enough blocks to fill ``sms`` SMs,
-    a divisor of ``n_chunks`` (every split gets the same K range), at most ``max_splits``, each split at
-    least ``gemm_min_chunks`` chunks long."""
-    tiles = math.ceil(tokens / TUNING["gemm_block_tokens"])
+def split_k(tokens: int, n_chunks: int, sms: int, max_splits: int, block_tokens: int = 64) -> int:
+    """Number of split-K blocks per token tile (``block_tokens`` tokens) for the prenorm GEMM: enough blocks to
+    fill ``sms`` SMs, a divisor of ``n_chunks`` (every split gets the same K range), at most ``max_splits``,
+    each split at least ``gemm_min_chunks`` chunks long."""
+    tiles = math.ceil(tokens / block_tokens)
     want = min(max_splits, max(1, (sms * TUNING["blocks_per_sm"]) // max(tiles, 1)))
     best = 1
     for s in range(1, n_chunks + 1):

@@ -106,16 +106,18 @@ def _launch(residual, fn, scale, base, out, rms_eps: float, hc_eps: float) -> No
     # chunk: slicing and two launches; see mhc_pre.run_pre_chunks)
     dev, step = residual.device, common.chunk_tokens(d)
     arch, sms = common.device_arch(dev), common.sm_count(dev.index or 0)
-    gemm, x, plans = gemm_kernel(n * d, n, dev), residual.view(t, n * d), {}
+    x, plans = residual.view(t, n * d), {}
     for a in range(0, t, step):
         b = min(t, a + step)
         if b - a not in plans:
-            splits = gemm_splits(b - a, n * d, dev)
+            tile = common.gemm_block_tokens(b - a, n)
+            splits = gemm_splits(b - a, n * d, dev, tile)
             plans[b - a] = (torch.empty(splits, b - a, n, dtype=torch.float32, device=dev),
                             torch.empty(splits, b - a, dtype=torch.float32, device=dev),
+                            gemm_kernel(n * d, n, dev, tile),
                             head_epilogue_kernel(d, arch, rms_eps, hc_eps, epilogue_design(splits)),
                             min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(b - a, sms)))
-        mix_part, sq_part, epilogue, tpb = plans[b - a]
+        mix_part, sq_part, gemm, epilogue, tpb = plans[b - a]
         gemm(x[a:b], fn, mix_part, sq_part)
         epilogue(mix_part, sq_part, residual[a:b], scale, base, out[a:b], tpb)
 
@@ -124,10 +126,11 @@ def _launch_two_pass(residual, fn, scale, base, out, rms_eps: float, hc_eps: flo
     t, n, d = residual.shape
     dev = residual.device
     arch = common.device_arch(dev)
-    splits = gemm_splits(t, n * d, dev)
+    tile = common.gemm_block_tokens(t, n)   # 64 unless forced (hc_head's GEMM was not swept at 128)
+    splits = gemm_splits(t, n * d, dev, tile)
     mix_part = torch.empty(splits, t, n, dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
-    gemm_kernel(n * d, n, dev)(residual.view(t, n * d), fn, mix_part, sq_part)
+    gemm_kernel(n * d, n, dev, tile)(residual.view(t, n * d), fn, mix_part, sq_part)
     tpb = min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(t, common.sm_count(dev.index or 0)))
     head_epilogue_kernel(d, arch, rms_eps, hc_eps, epilogue_design(splits))(mix_part, sq_part, residual, scale,
                                                                               base, out, tpb)

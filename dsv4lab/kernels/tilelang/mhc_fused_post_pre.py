@@ -172,7 +172,7 @@ def mhc_fused_post_pre(f: torch.Tensor, residual: torch.Tensor, post: torch.Tens
         layer_input, post_out, comb_out = mhc_pre(new_residual, fn, scale, base, norm_weight, rms_eps=rms_eps,
                                                   hc_eps=hc_eps, post_mult=post_mult, sinkhorn_iters=sinkhorn_iters)
         return new_residual, layer_input, post_out, comb_out
-    splits = gemm_splits(t, n * d, dev)  # d / 16 chunks here = n d / 64 there: the same divisors
+    splits = gemm_splits(t, n * d, dev, 64)  # d / 16 chunks here = n d / 64 there: the same divisors; 64-token tile
     assert splits <= MAX_SPLITS
     mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)

@@ -30,8 +30,8 @@ unless a block keeps its tokens on chip; a block of a few tokens would then re-s
 Flash / 2.75 MB Pro) from L2 per few tokens, ~12x the residual traffic. Minimum HBM traffic is 10TD bytes
 (roofline row 2); this design moves ~18TD at large T (the second R read misses L2 beyond ~1-2k tokens).
 
-Epilogue designs (``_mhc_common.TUNING["epilogue"]``): "v2" (default) sums the splits of all the block's
-tokens at once (thread (token, mix) loops over the splits: no per-token block-wide tree and barrier) and packs
+Epilogue designs (``_mhc_common.TUNING["epilogue"]``, used where ``overlap_epilogue`` is off): "v2" sums the
+splits of all the block's tokens at once (thread (token, mix) loops over the splits: no per-token block-wide tree and barrier) and packs
 up to 16 tokens per block (Sinkhorn on one thread per token, all the block's tokens in parallel, so its ~2k
 dependent instructions cost one latency per block, not per token); "v1" = the first H100 run. Expected: this
 op stays a two-pass design, 18TD bytes against the 10TD minimum, so it caps at ~55% of copy bandwidth at large
@@ -47,10 +47,12 @@ one launch, 10TD bytes, but fn is re-streamed from L2 per tile: 48/BT x the resi
 only one_pass: fn is 48 tokens' worth of residual bytes, and shared memory holds ~32 (Flash) / ~16 (Pro) tokens
 per cluster, so at large T the L2 traffic for fn outweighs the saved HBM read (see ``_mhc_onepass``).
 
-Issue #6 latency work (opt-in, ``_mhc_overlap``): TUNING["overlap_epilogue"] = True swaps the epilogue for "v3"
-(one CTA per token, Sinkhorn lane-parallel on warp 0 overlapped with the collapse on warps 1-7; 40 registers vs
-70 (Flash) / 150 (Pro) for v1/v2, whose 150 leave Pro at one 256-thread CTA per SM); design "small_t" (T <= 32)
-replaces the GEMM by an FMA split-K projection over 128-element K slices and always uses v3.
+Issue #6 latency work (``_mhc_overlap``): TUNING["overlap_epilogue"] = True (the default since the H100 run at
+42be99d) swaps the epilogue for "v3" (one CTA per token, Sinkhorn lane-parallel on warp 0 overlapped with the
+collapse on warps 1-7; 40 registers vs 70 (Flash) / 150 (Pro) for v1/v2, whose 150 leave Pro at one 256-thread
+CTA per SM); the GEMM's token tile is 128 from T = 4096 on, 64 below (``_mhc_common.gemm_block_tokens``, with
+the measurements). Opt-in design "small_t" (T <= 32) replaces the GEMM by an FMA split-K projection over
+128-element K slices and always uses v3 (it lost to two_pass + v3 at T <= 16 on the H100).
 
 Split-K: ``n_splits`` divides the 64-element K-chunks, at most ``MAX_SPLITS``; T and n_splits are dynamic
 dimensions, so one compile per (D, norm flavour) serves every T.
@@ -347,21 +349,22 @@ def epilogue_design(n_splits: int) -> str:
 
 
 def pre_epilogue_design(n_splits: int) -> str:
-    """mhc_pre's epilogue: "v3" where TUNING["overlap_epilogue"] (issue #6, opt-in), else ``epilogue_design``
+    """mhc_pre's epilogue: "v3" where TUNING["overlap_epilogue"] (issue #6; the default), else ``epilogue_design``
     (hc_head keeps ``epilogue_design``: it has no Sinkhorn to overlap)."""
     return "v3" if common.TUNING["overlap_epilogue"] else epilogue_design(n_splits)
 
 
-def gemm_kernel(nd: int, n_mix: int, device: torch.device):
-    """The prenorm GEMM for the current ``TUNING`` (token tile ``gemm_block_tokens``, ``gemm_stages``)."""
-    return prenorm_gemm_kernel(nd, n_mix, common.device_arch(device), block_tokens=common.TUNING["gemm_block_tokens"],
+def gemm_kernel(nd: int, n_mix: int, device: torch.device, block_tokens: int):
+    """The prenorm GEMM with ``block_tokens``-token tiles (``common.gemm_block_tokens``) and TUNING["gemm_stages"]."""
+    return prenorm_gemm_kernel(nd, n_mix, common.device_arch(device), block_tokens=block_tokens,
                                stages=common.TUNING["gemm_stages"])
 
 
-def gemm_splits(t: int, nd: int, device: torch.device) -> int:
-    """Split-K count of the prenorm GEMM for T = t, K = nd on ``device`` (see ``common.split_k``)."""
+def gemm_splits(t: int, nd: int, device: torch.device, block_tokens: int) -> int:
+    """Split-K count of the prenorm GEMM for T = t, K = nd, ``block_tokens``-token tiles on ``device``
+    (see ``common.split_k``)."""
     return common.split_k(t, nd // BLOCK_K, common.sm_count(device.index or 0),
-                          min(MAX_SPLITS, common.TUNING["max_splits"]))
+                          min(MAX_SPLITS, common.TUNING["max_splits"]), block_tokens)
 
 
 def mhc_pre(residual: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
@@ -416,7 +419,6 @@ def run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input,
     t, n, d = residual.shape
     dev, n_mix = residual.device, fn.shape[0]
     rms_eps, hc_eps, post_mult, iters = scalars
-    gemm = gemm_kernel(n * d, n_mix, dev)
     weight = _weight_or_placeholder(norm_weight, d, dev)
     x = residual.view(t, n * d)
     arch, sms = common.device_arch(dev), common.sm_count(dev.index or 0)
@@ -425,13 +427,15 @@ def run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input,
         b = min(t, a + step)
         if b - a not in plans:
             length = b - a
-            splits = gemm_splits(length, n * d, dev)
+            tile = common.gemm_block_tokens(length, n_mix)
+            splits = gemm_splits(length, n * d, dev, tile)
             epilogue = pre_epilogue_kernel(d, arch, norm_dtype_of(norm_weight), rms_eps, hc_eps, post_mult, iters,
                                            pre_epilogue_design(splits))
             plans[length] = (torch.empty(splits, length, n_mix, dtype=torch.float32, device=dev),
-                             torch.empty(splits, length, dtype=torch.float32, device=dev), epilogue,
+                             torch.empty(splits, length, dtype=torch.float32, device=dev),
+                             gemm_kernel(n * d, n_mix, dev, tile), epilogue,
                              min(MAX_TOKENS_PER_BLOCK, common.tokens_per_block(length, sms)))
-        mix_part, sq_part, epilogue, tpb = plans[b - a]
+        mix_part, sq_part, gemm, epilogue, tpb = plans[b - a]
         if before_chunk is not None:
             before_chunk(a, b)
         gemm(x[a:b], fn, mix_part, sq_part)
@@ -439,13 +443,14 @@ def run_pre_chunks(residual, fn, scale, base, norm_weight, scalars, layer_input,
 
 
 def run_pre_two_pass(residual, fn, scale, base, norm_weight, scalars, layer_input, post, comb) -> None:
-    """The two-pass design: split-K prenorm GEMM, then the epilogue."""
+    """The two-pass design: split-K prenorm GEMM (token tile ``common.gemm_block_tokens``), then the epilogue."""
     t, n, d = residual.shape
-    dev = residual.device
-    splits = gemm_splits(t, n * d, dev)
-    mix_part = torch.empty(splits, t, fn.shape[0], dtype=torch.float32, device=dev)
+    dev, n_mix = residual.device, fn.shape[0]
+    tile = common.gemm_block_tokens(t, n_mix)
+    splits = gemm_splits(t, n * d, dev, tile)
+    mix_part = torch.empty(splits, t, n_mix, dtype=torch.float32, device=dev)
     sq_part = torch.empty(splits, t, dtype=torch.float32, device=dev)
-    gemm_kernel(n * d, fn.shape[0], dev)(residual.view(t, n * d), fn, mix_part, sq_part)
+    gemm_kernel(n * d, n_mix, dev, tile)(residual.view(t, n * d), fn, mix_part, sq_part)
     run_pre_epilogue(mix_part, sq_part, residual, scale, base, norm_weight, scalars, layer_input, post, comb)
 
 
